@@ -1,0 +1,2 @@
+from rawproxy.cli import main
+raise SystemExit(main())

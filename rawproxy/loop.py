@@ -1,0 +1,276 @@
+"""The reactor: one thread, one selector, a timer heap, signals as events.
+
+It knows nothing of proxying.  Contract:
+
+* ``watch(fd, callback)`` puts ``callback(events)`` in the fd -> handler
+  table; ``set_interest(fd, mask)`` says which events (``EVENT_READ`` |
+  ``EVENT_WRITE``) the handler wants.  The selector is touched only when a
+  mask really changes, and an fd with an empty mask is not in the selector at
+  all (epoll cannot hold an empty interest set).  ``unwatch(fd)`` forgets it
+  and must come before the socket is closed.
+* ``call_later(delay_s, callback)`` returns a :class:`Timer` that can be
+  cancelled; ``call_soon_threadsafe(callback)`` is the only entry point for
+  other threads (the DNS workers) and wakes the loop through a socketpair.
+* ``add_signal_handler(signum, callback)`` runs ``callback()`` on the loop
+  thread: the C-level handler writes the signal number into the same
+  socketpair via ``signal.set_wakeup_fd``.
+* ``now`` is the monotonic time read once per loop turn, so hot paths can
+  stamp activity without a clock call per event.
+
+An exception escaping a callback is logged with its traceback and the loop
+goes on: a fault in one connection must never stop the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import logging
+import selectors
+import signal
+import socket
+import time
+from types import FrameType
+from typing import Callable, Deque, Optional
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+
+Handler = Callable[[int], None]
+Callback = Callable[[], None]
+Clock = Callable[[], float]
+
+log = logging.getLogger("rawproxy.loop")
+
+# Cancelled timers stay in the heap until they surface; rebuild the heap once
+# they are both numerous and the majority, so a connect timer cancelled per
+# successful connection cannot grow memory without bound.
+_COMPACT_MIN_CANCELLED = 1024
+
+
+class Timer:
+    """A scheduled callback; ``cancel()`` is idempotent and O(1)."""
+
+    __slots__ = ("when", "_seq", "callback", "cancelled", "_loop")
+
+    def __init__(self, when: float, seq: int, callback: Callback, loop: EventLoop) -> None:
+        self.when = when
+        self._seq = seq
+        self.callback = callback
+        self.cancelled = False
+        self._loop: Optional[EventLoop] = loop  # None once out of the heap
+
+    def __lt__(self, other: Timer) -> bool:
+        return (self.when, self._seq) < (other.when, other._seq)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            if self._loop is not None:
+                self._loop._timer_cancelled()
+
+    def _fire(self) -> None:
+        # Checked when it runs, not when it fell due: an earlier callback of
+        # the same turn may have cancelled it.
+        if not self.cancelled:
+            self.cancelled = True  # fired timers cancel as no-ops
+            self.callback()
+
+
+class EventLoop:
+    def __init__(self, clock: Clock = time.monotonic,
+                 selector: Optional[selectors.BaseSelector] = None) -> None:
+        self._clock = clock
+        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        self._handlers: dict[int, Handler] = {}
+        self._masks: dict[int, int] = {}
+        self._timers: list[Timer] = []
+        self._timer_seq = 0
+        self._cancelled_timers = 0
+        self._ready: Deque[Callback] = collections.deque()
+        self._signal_handlers: dict[int, Callback] = {}
+        self._previous_signal_handlers: dict[int, object] = {}
+        self._stopping = False
+        self._closed = False
+        self.now = clock()
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
+        self.watch(self._wake_recv.fileno(), self._on_wakeup)
+        self.set_interest(self._wake_recv.fileno(), EVENT_READ)
+
+    # -- file descriptors -------------------------------------------------
+
+    def watch(self, fd: int, handler: Handler) -> None:
+        if fd in self._handlers:
+            raise ValueError(f"fd {fd} is already watched")
+        self._handlers[fd] = handler
+        self._masks[fd] = 0
+
+    def set_interest(self, fd: int, mask: int) -> None:
+        old = self._masks[fd]
+        if mask == old:
+            return
+        self._masks[fd] = mask
+        if old == 0:
+            self._selector.register(fd, mask)
+        elif mask == 0:
+            self._selector.unregister(fd)
+        else:
+            self._selector.modify(fd, mask)
+
+    def interest(self, fd: int) -> int:
+        return self._masks.get(fd, 0)
+
+    def unwatch(self, fd: int) -> None:
+        mask = self._masks.pop(fd, 0)
+        self._handlers.pop(fd, None)
+        if mask:
+            self._selector.unregister(fd)
+
+    def is_watched(self, fd: int) -> bool:
+        return fd in self._handlers
+
+    @property
+    def watched_count(self) -> int:
+        return len(self._handlers)
+
+    # -- timers and callbacks ----------------------------------------------
+
+    def time(self) -> float:
+        return self._clock()
+
+    def call_later(self, delay_s: float, callback: Callback) -> Timer:
+        self._timer_seq += 1
+        timer = Timer(self._clock() + delay_s, self._timer_seq, callback, self)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled_timers += 1
+        if (self._cancelled_timers >= _COMPACT_MIN_CANCELLED
+                and self._cancelled_timers * 2 > len(self._timers)):
+            self._timers = [t for t in self._timers if not t.cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
+
+    def call_soon(self, callback: Callback) -> None:
+        self._ready.append(callback)
+
+    def call_soon_threadsafe(self, callback: Callback) -> None:
+        self._ready.append(callback)  # deque.append is atomic under the GIL
+        try:
+            self._wake_send.send(b"\0")
+        except (BlockingIOError, InterruptedError):
+            pass  # the pipe is full, so the loop is going to wake anyway
+        except OSError:
+            pass  # the loop is closed; the callback will never run
+
+    # -- signals ------------------------------------------------------------
+
+    def add_signal_handler(self, signum: int, callback: Callback) -> None:
+        if not self._signal_handlers:
+            signal.set_wakeup_fd(self._wake_send.fileno(), warn_on_full_buffer=False)
+        self._signal_handlers[signum] = callback
+        previous = signal.signal(signum, _ignore_signal_in_python)
+        self._previous_signal_handlers.setdefault(signum, previous)
+
+    def _restore_signals(self) -> None:
+        for signum, previous in self._previous_signal_handlers.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        if self._signal_handlers:
+            signal.set_wakeup_fd(-1)
+        self._signal_handlers.clear()
+        self._previous_signal_handlers.clear()
+
+    def _on_wakeup(self, events: int) -> None:
+        while True:
+            try:
+                data = self._wake_recv.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            for signum in data:
+                handler = self._signal_handlers.get(signum)
+                if handler is not None:
+                    self._ready.append(handler)
+
+    # -- running ------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Make ``run()`` return after the current turn."""
+        self._stopping = True
+
+    def run(self) -> None:
+        self._stopping = False
+        while not self._stopping:
+            self.run_once()
+
+    def run_once(self, max_wait_s: Optional[float] = None) -> None:
+        timeout = self._select_timeout(max_wait_s)
+        ready = self._selector.select(timeout)
+        self.now = self._clock()
+        handlers = self._handlers
+        for key, events in ready:
+            handler = handlers.get(key.fd)
+            if handler is None:
+                continue  # closed by an earlier handler in this batch
+            try:
+                handler(events)
+            except Exception:
+                log.exception("unhandled error in handler for fd %d", key.fd)
+        self._run_due_timers()
+        self._run_ready()
+
+    def _select_timeout(self, max_wait_s: Optional[float]) -> Optional[float]:
+        if self._ready or self._stopping:
+            return 0
+        timeout = max_wait_s
+        timers = self._timers
+        while timers and timers[0].cancelled:
+            heapq.heappop(timers)
+            self._cancelled_timers -= 1
+        if timers:
+            until_next = max(0.0, timers[0].when - self._clock())
+            timeout = until_next if timeout is None else min(timeout, until_next)
+        return timeout
+
+    def _run_due_timers(self) -> None:
+        timers = self._timers
+        now = self.now
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if timer.cancelled:
+                self._cancelled_timers -= 1
+                continue
+            timer._loop = None  # out of the heap: a cancel no longer counts
+            self._ready.append(timer._fire)
+
+    def _run_ready(self) -> None:
+        # Only what was ready at the start of this turn: a callback that
+        # schedules another must not starve the selector.
+        for _ in range(len(self._ready)):
+            callback = self._ready.popleft()
+            try:
+                callback()
+            except Exception:
+                log.exception("unhandled error in callback %r", callback)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._restore_signals()
+        self.unwatch(self._wake_recv.fileno())
+        self._wake_recv.close()
+        self._wake_send.close()
+        self._selector.close()
+        self._handlers.clear()
+        self._masks.clear()
+        self._timers.clear()
+        self._ready.clear()
+
+
+def _ignore_signal_in_python(signum: int, frame: Optional[FrameType]) -> None:
+    """The real work happens on the loop: set_wakeup_fd already woke it."""

@@ -1,0 +1,173 @@
+"""Every socket call the proxy makes, and the one place errors are classified.
+
+Errors fall into a few domain outcomes (trio's habit of translating at one
+boundary):
+
+* would block  -- ``BlockingIOError``/``InterruptedError``: try again on the
+  next readiness event;
+* connect failed -- :class:`ConnectFailed` with a short ``reason`` (refused,
+  unreachable, timeout, reset, ...): fail over to another address or target;
+* peer gone -- :class:`PeerGone`: reset, broken pipe, aborted; close the pair;
+* anything else propagates, is logged with its traceback by the caller and
+  closes that one session.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from typing import Tuple, Union
+
+SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
+
+WOULD_BLOCK = (BlockingIOError, InterruptedError)
+
+# Connect errors worth a word of their own in logs and metrics; anything
+# else is reported by its errno name.
+_CONNECT_REASONS = {
+    errno.ECONNREFUSED: "refused",
+    errno.ENETUNREACH: "unreachable",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.EHOSTDOWN: "unreachable",
+    errno.EADDRNOTAVAIL: "unreachable",
+    errno.ENETDOWN: "unreachable",
+    errno.EAFNOSUPPORT: "unreachable",  # e.g. IPv6 disabled on this host
+    errno.ETIMEDOUT: "timeout",
+    errno.ECONNRESET: "reset",
+    errno.ECONNABORTED: "reset",
+}
+
+# After a connection is established, these mean the other end (or the path
+# to it) is gone; the pair is closed, not the proxy.
+_PEER_GONE_ERRNOS = frozenset({
+    errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ETIMEDOUT,
+    errno.ENOTCONN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ESHUTDOWN,
+})
+
+# accept() failures that say "no descriptors or memory right now": pause
+# accepting rather than spin on a listener that stays readable.
+ACCEPT_RESOURCE_ERRNOS = frozenset({
+    errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
+})
+
+# accept() failures that concern only the one pending connection (it was
+# reset while queued, or a network error surfaced): skip it and go on.
+ACCEPT_TRANSIENT_ERRNOS = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+    errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET, errno.EHOSTUNREACH,
+    errno.EOPNOTSUPP, errno.ENETUNREACH,
+})
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ConnectFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PeerGone(Exception):
+    """The peer reset the connection or it broke; close both sides."""
+
+
+def connect_reason(err: int) -> str:
+    return _CONNECT_REASONS.get(err) or errno.errorcode.get(err, str(err)).lower()
+
+
+def is_peer_gone(exc: OSError) -> bool:
+    return exc.errno in _PEER_GONE_ERRNOS
+
+
+def open_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening, non-blocking socket (raises OSError)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", "::0"):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
+    """A non-blocking socket whose connect is under way.
+
+    Raises :class:`ConnectFailed` when the kernel refuses at once (loopback
+    often answers ECONNREFUSED synchronously) or no socket can be had.
+    """
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        # EMFILE and friends: a failed attempt, not a crash (SPEC 4/5).
+        raise ConnectFailed(connect_reason(exc.errno or 0)) from exc
+    sock.setblocking(False)
+    err = sock.connect_ex(sockaddr)
+    if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
+        sock.close()
+        raise ConnectFailed(connect_reason(err))
+    return sock
+
+
+def finish_connect(sock: socket.socket) -> None:
+    """After write readiness: raise :class:`ConnectFailed` unless connected."""
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise ConnectFailed(connect_reason(err))
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (a test's socketpair) or already reset: harmless
+
+
+def shutdown_write(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as exc:
+        if is_peer_gone(exc):
+            raise PeerGone(str(exc)) from exc
+        raise
+
+
+def close(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST rather than FIN, so the peer learns of the failure."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    close(sock)
+
+
+def peer_name(sock: socket.socket) -> str:
+    try:
+        return format_sockaddr(sock.getpeername())
+    except OSError:
+        return "?"
+
+
+def format_sockaddr(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        if ":" in str(host):
+            return f"[{host}]:{port}"
+        return f"{host}:{port}"
+    return str(addr)

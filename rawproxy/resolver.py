@@ -1,0 +1,145 @@
+"""Name resolution off the event loop, with a short-lived cache.
+
+``getaddrinfo`` blocks, so it runs on a few worker threads; results come
+back to the loop through ``post`` (the loop's ``call_soon_threadsafe``), and
+callbacks always run on the loop thread.  Contract:
+
+* ``resolve(host, port, on_done)`` returns a :class:`Resolution` at once for
+  an IP literal or a fresh cache entry, else ``None`` and calls
+  ``on_done(resolution)`` later.  Concurrent lookups of one name share one
+  ``getaddrinfo`` call.
+* Answers are cached for ``ttl_s`` (30 s by default); failures for
+  ``negative_ttl_s`` (5 s), so a dead name does not queue a lookup per
+  client but is retried soon after it is fixed.
+* ``getaddrinfo`` and the clock are parameters: unit tests replace them and
+  never send a query to a real resolver.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import queue
+import socket
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+from .netio import SockAddr
+
+log = logging.getLogger("rawproxy.resolver")
+
+Address = Tuple[int, SockAddr]  # (family, sockaddr) ready for connect
+GetAddrInfo = Callable[..., Sequence[Tuple[Any, ...]]]
+Post = Callable[[Callable[[], None]], None]
+
+
+class Resolution:
+    __slots__ = ("addresses", "error", "expires_at")
+
+    def __init__(self, addresses: tuple[Address, ...], error: str, expires_at: float) -> None:
+        self.addresses = addresses
+        self.error = error  # "" when addresses were found
+        self.expires_at = expires_at
+
+
+def literal_address(host: str, port: int) -> Optional[Address]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.version == 6:
+        return (socket.AF_INET6, (host, port, 0, 0))
+    return (socket.AF_INET, (host, port))
+
+
+class Resolver:
+    def __init__(self, post: Post, getaddrinfo: GetAddrInfo = socket.getaddrinfo,
+                 clock: Callable[[], float] = time.monotonic, ttl_s: float = 30.0,
+                 negative_ttl_s: float = 5.0, workers: int = 2) -> None:
+        self._post = post
+        self._getaddrinfo = getaddrinfo
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._negative_ttl_s = negative_ttl_s
+        self._worker_count = workers
+        self._cache: dict[tuple[str, int], Resolution] = {}
+        self._waiting: dict[tuple[str, int], list[Callable[[Resolution], None]]] = {}
+        self._jobs: queue.SimpleQueue[Optional[tuple[str, int]]] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def resolve(self, host: str, port: int,
+                on_done: Callable[[Resolution], None]) -> Optional[Resolution]:
+        literal = literal_address(host, port)
+        if literal is not None:
+            return Resolution((literal,), "", float("inf"))
+        key = (host, port)
+        cached = self._cache.get(key)
+        if cached is not None and cached.expires_at > self._clock():
+            return cached
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append(on_done)
+            return None
+        self._waiting[key] = [on_done]
+        self._start_workers()
+        self._jobs.put(key)
+        return None
+
+    def _start_workers(self) -> None:
+        if self._threads or self._closed:
+            return
+        for index in range(self._worker_count):
+            thread = threading.Thread(target=self._work, name=f"rawproxy-dns-{index}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        while True:
+            key = self._jobs.get()
+            if key is None:
+                return
+            resolution = self._lookup(*key)
+            # Bind now: a closure would read ``key``/``resolution`` when the loop
+            # runs it, by which time this thread may have taken the next job.
+            self._post(functools.partial(self._deliver, key, resolution))
+
+    def _lookup(self, host: str, port: int) -> Resolution:
+        try:
+            infos = self._getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                      proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            return Resolution((), f"cannot resolve {host}: {reason}",
+                              self._clock() + self._negative_ttl_s)
+        addresses: list[Address] = []
+        for family, _type, _proto, _canon, sockaddr in infos:
+            address = (family, sockaddr)
+            if address not in addresses:
+                addresses.append(address)
+        if not addresses:
+            return Resolution((), f"cannot resolve {host}: no addresses",
+                              self._clock() + self._negative_ttl_s)
+        return Resolution(tuple(addresses), "", self._clock() + self._ttl_s)
+
+    def _deliver(self, key: tuple[str, int], resolution: Resolution) -> None:
+        self._cache[key] = resolution
+        for on_done in self._waiting.pop(key, []):
+            try:
+                on_done(resolution)
+            except Exception:
+                log.exception("error in resolution callback for %s:%d", *key)
+
+    def forget(self) -> None:
+        """Drop cached answers (a reload should see DNS changes at once)."""
+        self._cache.clear()
+
+    def close(self) -> None:
+        """Stop the workers; a lookup in progress finishes in the background."""
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+        self._threads.clear()

@@ -1,0 +1,316 @@
+"""One proxied connection: a client, the target chosen for it, the relay.
+
+Lifecycle::
+
+    accept -> CONNECTING [-> failover]* -> RELAYING -> CLOSED
+                        \\-> CLOSED (every target failed, or the client left)
+
+CONNECTING covers resolving the target's name and trying each of its
+addresses in turn, all within the app's ``ConnectTimeout`` per target.  Any
+failure (refused, unreachable, timeout, unresolvable name) records a failure
+with the balancer and moves to the next untried target.  Nothing is read
+from the client until a target is connected: the kernel holds the client's
+early bytes, in order, and the relay delivers them first.
+
+RELAYING moves bytes with the sans-IO :class:`~rawproxy.relay.Relay`: a
+readable side is read into its flow's ring and the ring is sent on at once,
+so write interest is registered only for leftovers.  FIN becomes
+``shutdown(SHUT_WR)`` toward the other side; reset or error on either side
+aborts both (RST where the OS allows).  Every socket is closed exactly once,
+in :meth:`Session.close`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+from typing import Callable, Optional
+
+from . import netio
+from .config import Target
+from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
+from .relay import Flow, Relay
+from .resolver import Address, Resolution, Resolver
+from .ringbuf import BufferPool
+from .router import Route
+
+log = logging.getLogger("rawproxy.session")
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    RELAYING = "relaying"
+    CLOSED = "closed"
+
+
+class SessionContext:
+    """What every session of a server shares (one object, not globals)."""
+
+    __slots__ = ("loop", "resolver", "pool", "on_closed")
+
+    def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
+                 on_closed: Callable[[Session], None]) -> None:
+        self.loop = loop
+        self.resolver = resolver
+        self.pool = pool
+        self.on_closed = on_closed
+
+
+class Session:
+    __slots__ = (
+        "_ctx", "route", "client", "client_addr", "listen_port", "state",
+        "target", "_target_sock", "_tried", "_addresses", "_last_error",
+        "_connect_timer", "_idle_timer", "relay", "started_at", "last_active",
+        "end_reason", "_client_fd", "_target_fd",
+    )
+
+    def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
+                 client_addr: str, listen_port: int) -> None:
+        self._ctx = ctx
+        self.route = route
+        self.client = client
+        self._client_fd = client.fileno()
+        self.client_addr = client_addr
+        self.listen_port = listen_port
+        self.state = State.CONNECTING
+        self.target: Optional[Target] = None
+        self._target_sock: Optional[socket.socket] = None
+        self._target_fd = -1
+        self._tried: list[Target] = []
+        self._addresses: list[Address] = []
+        self._last_error = ""
+        self._connect_timer: Optional[Timer] = None
+        self._idle_timer: Optional[Timer] = None
+        self.relay: Optional[Relay] = None
+        self.started_at = ctx.loop.now
+        self.last_active = ctx.loop.now
+        self.end_reason = ""
+
+    # -- connecting and failover -------------------------------------------
+
+    def start(self) -> None:
+        self._try_next_target()
+
+    def _try_next_target(self) -> None:
+        balancer = self.route.balancer
+        target = balancer.choose(self._ctx.loop.time(), self._tried)
+        if target is None:
+            self.close(f"connect failed: {self._last_error}", reset=False)
+            return
+        self._tried.append(target)
+        self.target = target
+        self._connect_timer = self._ctx.loop.call_later(
+            self.route.app.connect_timeout_s, self._on_connect_timeout)
+        resolution = self._ctx.resolver.resolve(
+            target.host, target.port, lambda later: self._on_resolved(target, later))
+        if resolution is not None:
+            self._on_resolved(target, resolution)
+
+    def _on_resolved(self, target: Target, resolution: Resolution) -> None:
+        # A late answer may concern an attempt that already timed out, or a
+        # session that already closed: only the current attempt may use it.
+        if (self.state is not State.CONNECTING or target is not self.target
+                or self._target_sock is not None):
+            return
+        if resolution.error:
+            self._target_failed(resolution.error)
+            return
+        self._addresses = list(resolution.addresses)
+        self._connect_next_address()
+
+    def _connect_next_address(self) -> None:
+        while self._addresses:
+            family, sockaddr = self._addresses.pop(0)
+            try:
+                sock = netio.start_connect(family, sockaddr)
+            except netio.ConnectFailed as exc:
+                self._last_error = exc.reason
+                continue
+            self._target_sock = sock
+            self._target_fd = sock.fileno()
+            loop = self._ctx.loop
+            loop.watch(self._target_fd, self._on_target_events)
+            loop.set_interest(self._target_fd, EVENT_WRITE)
+            return
+        self._target_failed(self._last_error or "no address")
+
+    def _drop_target_socket(self) -> None:
+        sock = self._target_sock
+        if sock is not None:
+            self._ctx.loop.unwatch(self._target_fd)
+            netio.close(sock)
+            self._target_sock = None
+            self._target_fd = -1
+
+    def _on_connect_timeout(self) -> None:
+        self._connect_timer = None
+        self._addresses = []
+        self._drop_target_socket()
+        self._target_failed("timeout")
+
+    def _target_failed(self, reason: str) -> None:
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        self._last_error = reason
+        target = self.target
+        assert target is not None
+        self.route.balancer.record_failure(target, self._ctx.loop.time(), reason)
+        log.warning("app %s: target %s: connect failed: %s (client %s)",
+                    self.route.app.name, target.address, reason, self.client_addr)
+        self._try_next_target()
+
+    def _on_connect_ready(self) -> None:
+        sock = self._target_sock
+        assert sock is not None
+        try:
+            netio.finish_connect(sock)
+        except netio.ConnectFailed as exc:
+            self._last_error = exc.reason
+            self._drop_target_socket()
+            if self._addresses:
+                self._connect_next_address()
+            else:
+                self._target_failed(exc.reason)
+            return
+        self._start_relaying(sock)
+
+    def _start_relaying(self, target_sock: socket.socket) -> None:
+        if self._connect_timer is not None:
+            self._connect_timer.cancel()
+            self._connect_timer = None
+        assert self.target is not None
+        self.route.balancer.record_success(self.target)
+        netio.set_nodelay(target_sock)
+        self.state = State.RELAYING
+        self.relay = Relay(self._ctx.pool)
+        loop = self._ctx.loop
+        loop.watch(self._client_fd, self._on_client_events)
+        self.last_active = loop.now
+        if self.route.app.idle_timeout_s is not None:
+            self._idle_timer = loop.call_later(self.route.app.idle_timeout_s,
+                                               self._on_idle_check)
+        self._update_interest()
+
+    # -- relaying -------------------------------------------------------------
+
+    def _on_client_events(self, events: int) -> None:
+        relay = self.relay
+        target = self._target_sock
+        if relay is None or target is None:
+            return
+        self._pump(events, self.client, target, relay.upstream, relay.downstream)
+
+    def _on_target_events(self, events: int) -> None:
+        relay = self.relay
+        target = self._target_sock
+        if relay is None or target is None:
+            if self.state is State.CONNECTING:
+                self._on_connect_ready()
+            return
+        self._pump(events, target, self.client, relay.downstream, relay.upstream)
+
+    def _pump(self, events: int, sock: socket.socket, other: socket.socket,
+              inbound: Flow, outbound: Flow) -> None:
+        """``sock`` is ready: send ``outbound`` to it and/or read ``inbound`` from it."""
+        try:
+            if events & EVENT_WRITE:
+                self._send(outbound, sock)
+            if events & EVENT_READ and inbound.wants_read():
+                self._receive(inbound, sock, other)
+        except netio.PeerGone as exc:
+            self.close(f"reset: {exc}", reset=True)
+            return
+        except OSError as exc:
+            if netio.is_peer_gone(exc):
+                self.close(f"reset: {exc.strerror or exc}", reset=True)
+                return
+            log.exception("app %s: unexpected socket error", self.route.app.name)
+            self.close(f"error: {exc}", reset=True)
+            return
+        relay = self.relay
+        assert relay is not None
+        if relay.is_done():
+            self.close("done", reset=False)
+        else:
+            self._update_interest()
+
+    def _receive(self, flow: Flow, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            nbytes = src.recv_into(flow.ring.writable())
+        except netio.WOULD_BLOCK:
+            flow.ring.commit(0)
+            return
+        except OSError:
+            flow.ring.commit(0)
+            raise
+        flow.on_received(nbytes)
+        self.last_active = self._ctx.loop.now
+        self._send(flow, dst)
+
+    def _send(self, flow: Flow, dst: socket.socket) -> None:
+        ring = flow.ring
+        while len(ring):
+            view = ring.readable()
+            try:
+                sent = dst.send(view)
+            except netio.WOULD_BLOCK:
+                break
+            flow.on_sent(sent)
+            if sent < len(view):
+                break
+        if flow.should_shutdown_write():
+            netio.shutdown_write(dst)
+            flow.on_shutdown_write()
+
+    def _update_interest(self) -> None:
+        relay = self.relay
+        assert relay is not None
+        loop = self._ctx.loop
+        loop.set_interest(self._client_fd, relay.client_mask())
+        loop.set_interest(self._target_fd, relay.target_mask())
+
+    def _on_idle_check(self) -> None:
+        timeout = self.route.app.idle_timeout_s
+        if self.state is not State.RELAYING or timeout is None:
+            return
+        idle_for = self._ctx.loop.time() - self.last_active
+        if idle_for >= timeout:
+            self.close("idle timeout", reset=False)
+        else:
+            # Activity stamps are cheap; the timer is re-armed lazily for the
+            # remainder instead of being rescheduled on every byte.
+            self._idle_timer = self._ctx.loop.call_later(timeout - idle_for,
+                                                         self._on_idle_check)
+
+    # -- closing ------------------------------------------------------------
+
+    @property
+    def bytes_from_client(self) -> int:
+        return self.relay.upstream.bytes_sent if self.relay else 0
+
+    @property
+    def bytes_from_target(self) -> int:
+        return self.relay.downstream.bytes_sent if self.relay else 0
+
+    def close(self, reason: str, reset: bool) -> None:
+        """Free everything this session holds; idempotent."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.end_reason = reason
+        for timer in (self._connect_timer, self._idle_timer):
+            if timer is not None:
+                timer.cancel()
+        self._connect_timer = self._idle_timer = None
+        loop = self._ctx.loop
+        loop.unwatch(self._client_fd)
+        if self._target_sock is not None:
+            loop.unwatch(self._target_fd)
+            (netio.abort if reset else netio.close)(self._target_sock)
+            self._target_sock = None
+        (netio.abort if reset else netio.close)(self.client)
+        if self.relay is not None:
+            self.relay.close()
+        self._ctx.on_closed(self)

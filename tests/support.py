@@ -1,0 +1,307 @@
+"""Test helpers: local backends, a proxy subprocess, polling for conditions.
+
+Everything binds to 127.0.0.1 with port 0 (or ports freshly taken from the
+kernel's ephemeral range), so tests can run in parallel.  Nothing here
+sleeps for a fixed time: ``wait_until`` polls a condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = REPO / "rawproxy.py"
+HOST = "127.0.0.1"
+IO_TIMEOUT_S = 15.0
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0,
+               interval_s: float = 0.005, message: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {message}")
+        time.sleep(interval_s)
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the kernel just handed out, released for the caller to bind."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def dead_port() -> int:
+    """A loopback port with nothing listening: connects are refused."""
+    return free_ports(1)[0]
+
+
+def connect(port: int, timeout_s: float = IO_TIMEOUT_S) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = nbytes
+    while remaining:
+        chunk = sock.recv(min(remaining, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_until_eof(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class Backend:
+    """A threaded TCP server on 127.0.0.1:0 with a pluggable behaviour.
+
+    Modes: ``echo`` echoes until EOF then closes; ``name`` sends its name and a
+    newline first, then echoes; ``sink`` accepts and never reads;
+    ``collect`` reads until EOF, remembers the bytes, then replies with
+    ``reply`` and closes.  ``accepted`` counts connections.
+    """
+
+    def __init__(self, mode: str = "echo", name: str = "", reply: bytes = b"",
+                 backlog: int = 128) -> None:
+        self.mode = mode
+        self.name = name
+        self.reply = reply
+        self.accepted = 0
+        self.received: list[bytes] = []
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._sock = socket.socket()
+        self._sock.bind((HOST, 0))
+        self._sock.listen(backlog)
+        self.port: int = self._sock.getsockname()[1]
+        self.address = f"{HOST}:{self.port}"
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self.accepted += 1
+                self._conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(60)
+        try:
+            if self.mode == "sink":
+                return
+            if self.mode == "name":
+                conn.sendall(self.name.encode() + b"\n")
+            if self.mode == "collect":
+                data = recv_until_eof(conn)
+                with self._lock:
+                    self.received.append(data)
+                conn.sendall(self.reply)
+                return
+            while True:
+                data = conn.recv(1 << 18)
+                if not data:
+                    return
+                conn.sendall(data)
+        except OSError as exc:
+            with self._lock:
+                self.errors.append(exc)
+        finally:
+            if self.mode != "sink":
+                conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            conns = list(self._conns)
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        for conn in conns:
+            try:
+                conn.close()
+            except OSError:
+                pass
+        self._thread.join(5)
+
+
+class ProxyProcess:
+    """``python3 rawproxy.py`` in a subprocess, its stderr collected."""
+
+    def __init__(self, argv: Sequence[str], config_path: Path) -> None:
+        self.config_path = config_path
+        self.proc = subprocess.Popen(
+            list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for_line(self, pattern: str, timeout_s: float = 10.0) -> str:
+        """The first stderr line matching ``pattern`` (a regex)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    if regex.search(line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no stderr line matching {pattern!r}; got:\n" + "\n".join(self.lines))
+                self._cond.wait(min(remaining, 0.1))
+
+    def count_lines(self, pattern: str) -> int:
+        regex = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def wait_ready(self, timeout_s: float = 10.0) -> bool:
+        """True once listening; False if it exited first (e.g. a bind race)."""
+        try:
+            self.wait_for_line(r"INFO rawproxy\.server: ready:", timeout_s)
+            return True
+        except AssertionError:
+            if self.proc.poll() is not None:
+                return False
+            raise
+
+    def fd_count(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.pid, signum)
+
+    def wait(self, timeout_s: float = 10.0) -> int:
+        code = self.proc.wait(timeout_s)
+        self._reader.join(timeout_s)
+        return code
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL if it does not exit; returns the exit code."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        code = self.proc.wait(5)
+        self._reader.join(5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        return code
+
+
+def proxy_argv(config_path: Path, *extra: str, wrapper: Sequence[str] = ()) -> list[str]:
+    return [*wrapper, sys.executable, str(LAUNCHER), "--config", str(config_path),
+            "--listen-host", HOST, *extra]
+
+
+def write_config(path: Path, apps: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Write a config; an app whose ``Ports`` is an int gets that many fresh ports."""
+    wanted = sum(a["Ports"] for a in apps if isinstance(a.get("Ports"), int))
+    fresh: Iterator[int] = iter(free_ports(wanted))
+    out = []
+    ports: dict[str, list[int]] = {}
+    for app in apps:
+        app = dict(app)
+        if isinstance(app.get("Ports"), int):
+            app["Ports"] = [next(fresh) for _ in range(app["Ports"])]
+        ports[app["Name"]] = list(app["Ports"])
+        out.append(app)
+    path.write_text(json.dumps({"Apps": out}, indent=2))
+    return ports
+
+
+class ProxyFactory:
+    """Starts proxies on fresh ports and stops every one at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self._tmp_path = tmp_path
+        self._started: list[ProxyProcess] = []
+        self._count = 0
+
+    def start(self, apps: list[dict[str, Any]], *extra: str,
+              wrapper: Sequence[str] = ()) -> tuple[ProxyProcess, dict[str, list[int]]]:
+        for _attempt in range(5):
+            self._count += 1
+            path = self._tmp_path / f"config-{self._count}.json"
+            ports = write_config(path, apps)
+            proxy = ProxyProcess(proxy_argv(path, "--log-level", "debug", *extra,
+                                            wrapper=wrapper), path)
+            self._started.append(proxy)
+            if proxy.wait_ready():
+                return proxy, ports
+            # Another test took one of the fresh ports in the meantime: retry.
+            if not any("Address already in use" in line for line in proxy.lines):
+                raise AssertionError("proxy exited:\n" + "\n".join(proxy.lines))
+        raise AssertionError("could not find free ports for the proxy")
+
+    def close(self) -> None:
+        for proxy in self._started:
+            proxy.stop()
+
+
+def run_cli(*args: str, cwd: Optional[Path] = None,
+            timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=str(cwd or REPO),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout_s)

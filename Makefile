@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test unit integration typecheck compat run check clean
+.PHONY: test unit integration typecheck compat run check clean dist
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,14 @@ check:
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .hypothesis .benchmarks dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+## A single-file build: python3 dist/rawproxy.pyz [options] runs the same proxy.
+DIST_DIR ?= dist
+dist:
+	rm -rf $(DIST_DIR)/.pyz-build && mkdir -p $(DIST_DIR)/.pyz-build
+	cp -R rawproxy $(DIST_DIR)/.pyz-build/rawproxy
+	find $(DIST_DIR)/.pyz-build -name __pycache__ -type d -prune -exec rm -rf {} +
+	$(PYTHON) -m zipapp $(DIST_DIR)/.pyz-build -m rawproxy.cli:main \
+		-p '/usr/bin/env python3' -o $(DIST_DIR)/rawproxy.pyz
+	rm -rf $(DIST_DIR)/.pyz-build
+	@echo "built $(DIST_DIR)/rawproxy.pyz"

@@ -9,14 +9,18 @@ Bad input never produces a traceback: one line on stderr instead.
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import signal
 import sys
 from typing import NoReturn, Optional, Sequence
 
 from . import __version__
+from .admin import AdminHandlers, AdminServer
 from .config import Config, ConfigError, FileConfigSource, format_summary
 from .loop import EventLoop
+from .reloader import Reloader
 from .resolver import Resolver
 from .server import BindError, Server
 
@@ -44,6 +48,15 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0-65535)")
+    return host, int(port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
@@ -51,19 +64,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "every app in the config and relays each connection to one of "
                     "that app's targets, with weighted random choice and failover.",
         epilog="Exit status: 0 clean shutdown, 1 a port could not be bound, "
-               "2 invalid config or usage. Signals: SIGTERM/SIGINT drain then exit "
-               "(a second one exits at once).",
+               "2 invalid config or usage. Signals: SIGHUP reloads the config; "
+               "SIGTERM/SIGINT drain then exit (a second one exits at once).",
     )
     parser.add_argument("-c", "--config", default="config.json", metavar="PATH",
                         help="config file (default: config.json in the working directory)")
     parser.add_argument("--listen-host", default="0.0.0.0", metavar="HOST",
                         help="address every app port binds to (default: 0.0.0.0)")
+    parser.add_argument("--admin", type=_host_port, metavar="HOST:PORT",
+                        help="serve /healthz, /metrics and /config over HTTP here "
+                             "(off unless given; meant for loopback or a private network)")
+    parser.add_argument("--watch", action="store_true",
+                        help="also reload when the config file changes on disk "
+                             "(polled once a second)")
     parser.add_argument("--drain-timeout", type=_positive_seconds, default=30.0,
                         metavar="SECONDS",
                         help="how long SIGTERM/SIGINT wait for open connections (default: 30)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"),
                         help="log level (default: info)")
+    parser.add_argument("--log-format", default="text", choices=("text", "json"),
+                        help="access and event log format (default: text)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, print a summary and exit "
                              "0 (valid) or 2 (invalid); binds nothing")
@@ -78,9 +99,32 @@ class _OneLineFormatter(logging.Formatter):
         return super().format(record).replace("\n", " | ")
 
 
-def _configure_logging(level: str) -> logging.Handler:
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line; access records carry their fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "time": datetime.datetime.fromtimestamp(
+                record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        else:
+            entry["message"] = record.getMessage()
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(level: str, log_format: str) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(_OneLineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("rawproxy")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -103,14 +147,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check:
         print(format_summary(config))
         return EXIT_OK
-    _configure_logging(args.log_level)
-    return _serve(args, config)
+    _configure_logging(args.log_level, args.log_format)
+    return _serve(args, source, config)
 
 
-def _serve(args: argparse.Namespace, config: Config) -> int:
+def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config) -> int:
     loop = EventLoop()
     resolver = Resolver(loop.call_soon_threadsafe)
     server = Server(config, loop, resolver, listen_host=args.listen_host)
+    reloader = Reloader(loop, server, source)
+    admin: Optional[AdminServer] = None
 
     def on_stop_signal() -> None:
         if server.draining:
@@ -119,19 +165,37 @@ def _serve(args: argparse.Namespace, config: Config) -> int:
         else:
             server.drain(args.drain_timeout)
 
+    def on_reload_signal() -> None:
+        reloader.reload("SIGHUP")
+
     try:
         # Handlers first: once "ready" is logged, a signal must drain, not kill.
         loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, on_stop_signal)
+        loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
+        if args.admin is not None:
+            handlers = AdminHandlers(lambda: server.draining, server.metrics_snapshot,
+                                     server.config_view)
+            admin = AdminServer(loop, handlers, *args.admin)
+            try:
+                admin.start()
+            except OSError as exc:
+                _error(f"cannot listen on {args.admin[0]}:{args.admin[1]} "
+                       f"(admin endpoint): {exc.strerror or exc}")
+                return EXIT_BIND
         try:
             server.start()
         except BindError as exc:
             _error(str(exc))
             return EXIT_BIND
+        if args.watch:
+            reloader.watch()
         loop.run()
         log.info("stopped")
         return EXIT_OK
     finally:
+        if admin is not None:
+            admin.close()
         server.close()
         resolver.close()
         loop.close()

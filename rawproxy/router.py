@@ -1,11 +1,15 @@
 """Which target a new connection goes to: pure decisions, no sockets.
 
-* :class:`Router` maps a listening port to its app's :class:`Route`.
+* :class:`Router` maps a listening port to its app's :class:`Route`; a
+  router built for a reloaded config adopts the health state of targets
+  that are still there (by address), so a reload forgets nothing it knew.
 * :class:`Balancer` picks a target by weighted random choice among those not
   marked down and not yet tried for this client, and keeps passive health:
   each failed connect marks the target down for a back-off that doubles with
   every consecutive failure (``base_s``, ``2*base_s``, ... up to ``max_s``);
-  one success clears it.  When every untried target is down, they are tried
+  one success clears it.  An active health check (``HealthCheck``) can also
+  hold a target down until a check succeeds.  When every untried target is
+  down, they are tried
   anyway: a proxy that refuses because of stale health is worse than one
   that spends a connect attempt finding out.
 
@@ -19,6 +23,7 @@ import random
 from typing import Collection, Iterable, Mapping, Optional
 
 from .config import App, Config, Target
+from .stats import AppStats, Stats
 
 
 class Backoff:
@@ -36,16 +41,24 @@ class Backoff:
 
 
 class TargetHealth:
-    __slots__ = ("target", "consecutive_failures", "down_until", "last_failure")
+    __slots__ = ("target", "consecutive_failures", "down_until", "last_failure",
+                 "check_failed")
 
     def __init__(self, target: Target) -> None:
         self.target = target
         self.consecutive_failures = 0
         self.down_until = 0.0
         self.last_failure = ""
+        self.check_failed = False
 
     def is_down(self, now: float) -> bool:
-        return now < self.down_until
+        return self.check_failed or now < self.down_until
+
+    def adopt(self, old: TargetHealth) -> None:
+        self.consecutive_failures = old.consecutive_failures
+        self.down_until = old.down_until
+        self.last_failure = old.last_failure
+        self.check_failed = old.check_failed
 
 
 class Balancer:
@@ -63,6 +76,9 @@ class Balancer:
 
     def health(self, target: Target) -> TargetHealth:
         return self._health[target]
+
+    def healths(self) -> tuple[TargetHealth, ...]:
+        return tuple(self._health.values())
 
     def choose(self, now: float, tried: Collection[Target] = ()) -> Optional[Target]:
         """A target for the next attempt, or None when all were tried."""
@@ -97,24 +113,51 @@ class Balancer:
             health.consecutive_failures = 0
             health.down_until = 0.0
 
+    def record_check(self, target: Target, ok: bool, reason: str = "") -> None:
+        """An active check's verdict: down until a later check succeeds."""
+        health = self._health.get(target)
+        if health is None:
+            return
+        health.check_failed = not ok
+        if ok:
+            self.record_success(target)
+        else:
+            health.last_failure = reason
+
+    def adopt(self, old: Balancer) -> None:
+        """Carry over what ``old`` knew of targets that are still here."""
+        by_address = {t.address: h for t, h in old._health.items()}
+        for target, health in self._health.items():
+            previous = by_address.get(target.address)
+            if previous is not None:
+                health.adopt(previous)
+
 
 class Route:
-    """An app and the balancing state of its targets."""
+    """An app, the balancing state of its targets and its counters."""
 
-    __slots__ = ("app", "balancer")
+    __slots__ = ("app", "balancer", "stats")
 
-    def __init__(self, app: App, balancer: Balancer) -> None:
+    def __init__(self, app: App, balancer: Balancer, stats: AppStats) -> None:
         self.app = app
         self.balancer = balancer
+        self.stats = stats
 
 
 class Router:
     def __init__(self, config: Config, rng: random.Random,
-                 backoff: Optional[Backoff] = None) -> None:
+                 backoff: Optional[Backoff] = None, *, stats: Optional[Stats] = None,
+                 previous: Optional[Router] = None) -> None:
+        stats = stats or Stats()
         self.routes: dict[str, Route] = {
-            app.name: Route(app, Balancer(app.targets, rng, backoff))
+            app.name: Route(app, Balancer(app.targets, rng, backoff), stats.app(app.name))
             for app in config.apps
         }
+        if previous is not None:
+            for name, route in self.routes.items():
+                old = previous.routes.get(name)
+                if old is not None:
+                    route.balancer.adopt(old.balancer)
         self._by_port: dict[int, Route] = {
             port: self.routes[app.name] for app in config.apps for port in app.ports
         }

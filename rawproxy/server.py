@@ -12,6 +12,13 @@ kernel's backlog, they are not refused) while any of these holds:
 * accept failed for lack of descriptors or memory (retried after a short
   pause, so the loop neither spins nor crashes);
 
+Reload (SIGHUP) swaps in a new validated config: listeners for new ports
+are opened first (if one cannot be bound, the reload is rejected whole and
+the old config keeps serving), listeners of removed ports are closed, and a
+port that stays -- even one that moves to another app -- keeps its socket,
+so it never refuses in between.  Open sessions keep the route they started
+with; targets that survive keep their health state.
+
 Draining (SIGTERM) closes every listener at once, lets open sessions finish
 for up to the drain timeout, then closes the rest.
 """
@@ -19,6 +26,7 @@ for up to the drain timeout, then closes the rest.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import random
 import socket
@@ -26,11 +34,14 @@ from typing import Callable, Optional
 
 from . import netio
 from .config import App, Config
+from .health import HealthChecks
 from .loop import EVENT_READ, EventLoop, Timer
+from .metrics import Snapshot, TargetView
 from .resolver import Resolver
 from .ringbuf import BufferPool
 from .router import Route, Router
 from .session import Session, SessionContext
+from .stats import Stats
 
 log = logging.getLogger("rawproxy.server")
 access_log = logging.getLogger("rawproxy.access")
@@ -67,19 +78,24 @@ class Server:
     def __init__(self, config: Config, loop: EventLoop, resolver: Resolver, *,
                  listen_host: str = "0.0.0.0", rng: Optional[random.Random] = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, backlog: int = 1024,
-                 accept_batch: int = 64) -> None:
+                 accept_batch: int = 64, stats: Optional[Stats] = None) -> None:
         self.config = config
         self.loop = loop
         self.listen_host = listen_host
-        self.router = Router(config, rng or random.Random())
+        self.stats = stats or Stats()
+        self._rng = rng or random.Random()
+        self._resolver = resolver
+        self._health = HealthChecks(loop, resolver)
+        self.router = Router(config, self._rng, stats=self.stats)
         self._backlog = backlog
         self._accept_batch = accept_batch
         self._ctx = SessionContext(loop, resolver, BufferPool(buffer_bytes),
                                    self._on_session_closed)
         self.listeners: dict[int, Listener] = {}
         self.sessions: set[Session] = set()
+        # Keyed by app name, and kept for apps a reload removed while
+        # their sessions are still open.
         self.active_by_app: dict[str, int] = {app.name: 0 for app in config.apps}
-        self.refused_by_app: dict[str, int] = {app.name: 0 for app in config.apps}
         self._accept_paused = False
         self._draining = False
         self._drain_timer: Optional[Timer] = None
@@ -89,51 +105,88 @@ class Server:
 
     def start(self) -> None:
         """Bind every port; on any failure close what was bound and raise BindError."""
-        try:
-            for port, route in sorted(self.router.ports.items()):
-                self._listen(port, route)
-        except BindError:
-            self.close_listeners()
-            raise
-        for app in self.config.apps:
-            unimplemented = [key for key, value in (("ProxyProtocol", app.proxy_protocol),
-                                                    ("HealthCheck", app.health_check)) if value]
-            if unimplemented:
-                log.warning("app %s: %s not implemented yet, ignored", app.name,
-                            " and ".join(unimplemented))
+        for listener in self._bind_all(self.router, sorted(self.router.ports)):
+            self._register(listener)
+        self._health.start(self.router)
         log.info("ready: %d ports for %d apps on %s", len(self.listeners),
                  len(self.config.apps), self.listen_host)
 
-    def _listen(self, port: int, route: Route) -> None:
+    def _bind_all(self, router: Router, ports: list[int]) -> list[Listener]:
+        """Listening sockets for ``ports``: all of them, or BindError and none."""
+        bound: list[Listener] = []
+        try:
+            for port in ports:
+                bound.append(self._bind(port, router.ports[port]))
+        except BindError:
+            for listener in bound:
+                netio.close(listener.sock)
+            raise
+        return bound
+
+    def _bind(self, port: int, route: Route) -> Listener:
         address = netio.format_sockaddr((self.listen_host, port))
         try:
             sock = netio.open_listener(self.listen_host, port, self._backlog)
         except (OSError, UnicodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise BindError(address, port, route.app.name, reason) from exc
-        listener = Listener(sock, port, route, self)
-        self.listeners[port] = listener
+        return Listener(sock, port, route, self)
+
+    def _register(self, listener: Listener) -> None:
+        self.listeners[listener.port] = listener
         self.loop.watch(listener.fd, listener.on_events)
-        self.loop.set_interest(listener.fd, EVENT_READ)
-        log.info("listening on %s for app %s", address, route.app.name)
+        self.loop.set_interest(listener.fd, EVENT_READ if self._wants_accept(listener) else 0)
+        log.info("listening on %s for app %s",
+                 netio.format_sockaddr((self.listen_host, listener.port)),
+                 listener.route.app.name)
+
+    def _close_listener(self, listener: Listener) -> None:
+        self.loop.unwatch(listener.fd)
+        netio.close(listener.sock)
+        del self.listeners[listener.port]
 
     def _wants_accept(self, listener: Listener) -> bool:
         if self._accept_paused or self._draining:
             return False
         limit = listener.route.app.max_connections
-        return limit is None or self.active_by_app[listener.route.app.name] < limit
+        return limit is None or self.active_by_app.get(listener.route.app.name, 0) < limit
 
-    def _refresh_listeners(self, app: Optional[App] = None) -> None:
+    def _refresh_listeners(self, app_name: Optional[str] = None) -> None:
         for listener in self.listeners.values():
-            if app is None or listener.route.app is app:
+            if app_name is None or listener.route.app.name == app_name:
                 mask = EVENT_READ if self._wants_accept(listener) else 0
                 self.loop.set_interest(listener.fd, mask)
 
     def close_listeners(self) -> None:
-        for listener in self.listeners.values():
-            self.loop.unwatch(listener.fd)
-            netio.close(listener.sock)
-        self.listeners.clear()
+        for listener in list(self.listeners.values()):
+            self._close_listener(listener)
+
+    # -- reloading ------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Serve ``config`` from now on; BindError leaves the old one serving."""
+        if self._draining:
+            raise RuntimeError("draining: reload ignored")
+        router = Router(config, self._rng, stats=self.stats, previous=self.router)
+        added = sorted(set(router.ports) - set(self.listeners))
+        removed = sorted(set(self.listeners) - set(router.ports))
+        opened = self._bind_all(router, added)
+        for port in removed:
+            log.info("closing port %d (no longer in the config)", port)
+            self._close_listener(self.listeners[port])
+        for port, listener in self.listeners.items():
+            listener.route = router.ports[port]  # a moved port keeps its socket
+        self.router = router
+        self.config = config
+        for app in config.apps:
+            self.active_by_app.setdefault(app.name, 0)
+        for listener in opened:
+            self._register(listener)
+        self._resolver.forget()
+        self._health.start(router)
+        self._refresh_listeners()
+        log.info("config reloaded: %d ports for %d apps (%d opened, %d closed)",
+                 len(self.listeners), len(config.apps), len(added), len(removed))
 
     # -- accepting ------------------------------------------------------------
 
@@ -168,35 +221,89 @@ class Server:
         route = listener.route
         app = route.app
         client_addr = netio.format_sockaddr(addr)
+        route.stats.accepted += 1
         if app.allow_from and not _is_allowed(addr, app):
-            self.refused_by_app[app.name] += 1
-            access_log.info("app=%s port=%d client=%s end=%s", app.name, listener.port,
-                            client_addr, "denied by AllowFrom")
+            route.stats.denied += 1
+            route.stats.ended("denied")
+            _log_access(app.name, listener.port, client_addr, "-", 0, 0, 0, "denied",
+                        "not in AllowFrom")
             netio.abort(client)
             return
         client.setblocking(False)
         netio.set_nodelay(client)
         session = Session(self._ctx, route, client, client_addr, listener.port)
         self.sessions.add(session)
-        self.active_by_app[app.name] += 1
+        self.active_by_app[app.name] = self.active_by_app.get(app.name, 0) + 1
         if app.max_connections is not None and self.active_by_app[app.name] >= app.max_connections:
-            self._refresh_listeners(app)
+            self._refresh_listeners(app.name)
         session.start()
 
     def _on_session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
         app = session.route.app
         self.active_by_app[app.name] -= 1
-        if app.max_connections is not None and self.active_by_app[app.name] == app.max_connections - 1:
-            self._refresh_listeners(app)
-        target = session.target.address if session.target is not None else "-"
-        access_log.info(
-            "app=%s port=%d client=%s target=%s bytes_in=%d bytes_out=%d duration_ms=%d end=%s",
-            app.name, session.listen_port, session.client_addr, target,
-            session.bytes_from_client, session.bytes_from_target,
-            int((self.loop.now - session.started_at) * 1000), session.end_reason)
+        current = self.router.routes.get(app.name)
+        if current is not None and current.app.max_connections is not None:
+            self._refresh_listeners(app.name)
+        stats = session.route.stats
+        bytes_in, bytes_out = session.bytes_from_client, session.bytes_from_target
+        stats.bytes_in += bytes_in
+        stats.bytes_out += bytes_out
+        stats.ended(session.end)
+        _log_access(app.name, session.listen_port, session.client_addr,
+                    session.target.address if session.target is not None else "-",
+                    bytes_in, bytes_out, int((self.loop.now - session.started_at) * 1000),
+                    session.end, session.end_detail)
         if self._draining and not self.sessions:
             self._finish_drain()
+
+    # -- views for the admin endpoint ------------------------------------------
+
+    def metrics_snapshot(self) -> Snapshot:
+        live_in: dict[str, int] = {}
+        live_out: dict[str, int] = {}
+        for session in self.sessions:
+            name = session.route.app.name
+            live_in[name] = live_in.get(name, 0) + session.bytes_from_client
+            live_out[name] = live_out.get(name, 0) + session.bytes_from_target
+        now = self.loop.time()
+        targets = {
+            name: [TargetView(h.target.address, not h.is_down(now), h.consecutive_failures)
+                   for h in route.balancer.healths()]
+            for name, route in self.router.routes.items()
+        }
+        return Snapshot(self.stats, dict(self.active_by_app), live_in, live_out, targets,
+                        self._draining)
+
+    def config_view(self) -> dict[str, object]:
+        """The running config with live target health, for ``GET /config``."""
+        now = self.loop.time()
+        apps = []
+        for route in self.router.routes.values():
+            app = route.app
+            apps.append({
+                "Name": app.name,
+                "Ports": list(app.ports),
+                "Targets": [{
+                    "Address": h.target.address,
+                    "Weight": h.target.weight,
+                    "Up": not h.is_down(now),
+                    "ConsecutiveFailures": h.consecutive_failures,
+                    "LastFailure": h.last_failure or None,
+                    "HealthCheckFailing": h.check_failed,
+                } for h in route.balancer.healths()],
+                "ConnectTimeout": app.connect_timeout_s,
+                "IdleTimeout": app.idle_timeout_s,
+                "MaxConnections": app.max_connections,
+                "ProxyProtocol": app.proxy_protocol,
+                "HealthCheck": None if app.health_check is None else {
+                    "Interval": app.health_check.interval_s,
+                    "Timeout": app.health_check.timeout_s},
+                "AllowFrom": [str(network) for network in app.allow_from],
+                "ActiveConnections": self.active_by_app.get(app.name, 0),
+            })
+        return {"Source": self.config.source, "ListenHost": self.listen_host,
+                "Draining": self._draining, "Apps": apps}
 
     # -- stopping -------------------------------------------------------------
 
@@ -210,6 +317,7 @@ class Server:
             return
         self._draining = True
         self.close_listeners()
+        self._health.stop()
         log.info("draining %d connections for up to %gs", len(self.sessions), timeout_s)
         if not self.sessions:
             self._finish_drain()
@@ -219,7 +327,7 @@ class Server:
     def _drain_timed_out(self) -> None:
         self._drain_timer = None
         log.warning("drain timeout: closing %d connections", len(self.sessions))
-        self.close_sessions("drain timeout")
+        self.close_sessions("drain-timeout")
 
     def _finish_drain(self) -> None:
         if self._drain_timer is not None:
@@ -234,7 +342,27 @@ class Server:
     def close(self) -> None:
         self._draining = True
         self.close_listeners()
+        self._health.stop()
         self.close_sessions("shutdown")
+
+
+def _log_access(app: str, port: int, client: str, target: str, bytes_in: int,
+                bytes_out: int, duration_ms: int, end: str, detail: str) -> None:
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    fields = {"app": app, "port": port, "client": client, "target": target,
+              "bytes_in": bytes_in, "bytes_out": bytes_out, "duration_ms": duration_ms,
+              "end": end}
+    if detail:
+        fields["why"] = detail
+    text = " ".join(f"{key}={_text_value(value)}" for key, value in fields.items())
+    access_log.info(text, extra={"fields": fields})
+
+
+def _text_value(value: object) -> str:
+    if isinstance(value, str) and (not value or " " in value or '"' in value):
+        return json.dumps(value)
+    return str(value)
 
 
 def _is_allowed(addr: object, app: App) -> bool:

@@ -27,7 +27,7 @@ import logging
 import socket
 from typing import Callable, Optional
 
-from . import netio
+from . import netio, proxyproto
 from .config import Target
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
 from .relay import Flow, Relay
@@ -62,7 +62,7 @@ class Session:
         "_ctx", "route", "client", "client_addr", "listen_port", "state",
         "target", "_target_sock", "_tried", "_addresses", "_last_error",
         "_connect_timer", "_idle_timer", "relay", "started_at", "last_active",
-        "end_reason", "_client_fd", "_target_fd",
+        "end", "end_detail", "_client_fd", "_target_fd", "_attempt_started",
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
@@ -85,7 +85,9 @@ class Session:
         self.relay: Optional[Relay] = None
         self.started_at = ctx.loop.now
         self.last_active = ctx.loop.now
-        self.end_reason = ""
+        self._attempt_started = 0.0
+        self.end = ""          # short code: done, reset, idle-timeout, connect-failed, ...
+        self.end_detail = ""   # why, for the access log
 
     # -- connecting and failover -------------------------------------------
 
@@ -96,10 +98,12 @@ class Session:
         balancer = self.route.balancer
         target = balancer.choose(self._ctx.loop.time(), self._tried)
         if target is None:
-            self.close(f"connect failed: {self._last_error}", reset=False)
+            self.close("connect-failed", reset=False, detail=self._last_error)
             return
         self._tried.append(target)
         self.target = target
+        self.route.stats.target(target.address).attempts += 1
+        self._attempt_started = self._ctx.loop.time()
         self._connect_timer = self._ctx.loop.call_later(
             self.route.app.connect_timeout_s, self._on_connect_timeout)
         resolution = self._ctx.resolver.resolve(
@@ -114,7 +118,7 @@ class Session:
                 or self._target_sock is not None):
             return
         if resolution.error:
-            self._target_failed(resolution.error)
+            self._target_failed("dns", resolution.error)
             return
         self._addresses = list(resolution.addresses)
         self._connect_next_address()
@@ -149,16 +153,18 @@ class Session:
         self._drop_target_socket()
         self._target_failed("timeout")
 
-    def _target_failed(self, reason: str) -> None:
+    def _target_failed(self, reason: str, detail: str = "") -> None:
+        """``reason`` is a short label for metrics; ``detail`` says more in logs."""
         if self._connect_timer is not None:
             self._connect_timer.cancel()
             self._connect_timer = None
-        self._last_error = reason
+        self._last_error = detail or reason
         target = self.target
         assert target is not None
         self.route.balancer.record_failure(target, self._ctx.loop.time(), reason)
+        self.route.stats.target(target.address).failed(reason)
         log.warning("app %s: target %s: connect failed: %s (client %s)",
-                    self.route.app.name, target.address, reason, self.client_addr)
+                    self.route.app.name, target.address, detail or reason, self.client_addr)
         self._try_next_target()
 
     def _on_connect_ready(self) -> None:
@@ -181,11 +187,23 @@ class Session:
             self._connect_timer.cancel()
             self._connect_timer = None
         assert self.target is not None
+        loop = self._ctx.loop
         self.route.balancer.record_success(self.target)
+        target_stats = self.route.stats.target(self.target.address)
+        target_stats.connected += 1
+        target_stats.latency.observe(loop.time() - self._attempt_started)
         netio.set_nodelay(target_sock)
         self.state = State.RELAYING
-        self.relay = Relay(self._ctx.pool)
-        loop = self._ctx.loop
+        self.relay = relay = Relay(self._ctx.pool)
+        version = self.route.app.proxy_protocol
+        if version is not None:
+            # Before any client byte: the target reads the real client first.
+            try:
+                peer, local = self.client.getpeername(), self.client.getsockname()
+            except OSError as exc:
+                self.close("reset", reset=True, detail=exc.strerror or str(exc))
+                return
+            relay.upstream.ring.append(proxyproto.header(version, peer, local))
         loop.watch(self._client_fd, self._on_client_events)
         self.last_active = loop.now
         if self.route.app.idle_timeout_s is not None:
@@ -220,14 +238,14 @@ class Session:
             if events & EVENT_READ and inbound.wants_read():
                 self._receive(inbound, sock, other)
         except netio.PeerGone as exc:
-            self.close(f"reset: {exc}", reset=True)
+            self.close("reset", reset=True, detail=str(exc))
             return
         except OSError as exc:
             if netio.is_peer_gone(exc):
-                self.close(f"reset: {exc.strerror or exc}", reset=True)
+                self.close("reset", reset=True, detail=exc.strerror or str(exc))
                 return
             log.exception("app %s: unexpected socket error", self.route.app.name)
-            self.close(f"error: {exc}", reset=True)
+            self.close("error", reset=True, detail=str(exc))
             return
         relay = self.relay
         assert relay is not None
@@ -277,7 +295,7 @@ class Session:
             return
         idle_for = self._ctx.loop.time() - self.last_active
         if idle_for >= timeout:
-            self.close("idle timeout", reset=False)
+            self.close("idle-timeout", reset=False)
         else:
             # Activity stamps are cheap; the timer is re-armed lazily for the
             # remainder instead of being rescheduled on every byte.
@@ -294,12 +312,17 @@ class Session:
     def bytes_from_target(self) -> int:
         return self.relay.downstream.bytes_sent if self.relay else 0
 
-    def close(self, reason: str, reset: bool) -> None:
-        """Free everything this session holds; idempotent."""
+    def close(self, end: str, reset: bool, detail: str = "") -> None:
+        """Free everything this session holds; idempotent.
+
+        ``end`` is a short code (metrics label, access log ``end=``),
+        ``detail`` the human reason, if any.
+        """
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
-        self.end_reason = reason
+        self.end = end
+        self.end_detail = detail
         for timer in (self._connect_timer, self._idle_timer):
             if timer is not None:
                 timer.cancel()

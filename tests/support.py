@@ -123,8 +123,8 @@ class Backend:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(60)
         try:
+            conn.settimeout(60)
             if self.mode == "sink":
                 return
             if self.mode == "name":
@@ -211,7 +211,7 @@ class ProxyProcess:
     def wait_ready(self, timeout_s: float = 10.0) -> bool:
         """True once listening; False if it exited first (e.g. a bind race)."""
         try:
-            self.wait_for_line(r"INFO rawproxy\.server: ready:", timeout_s)
+            self.wait_for_line(r"rawproxy\.server\b.*\bready: ", timeout_s)
             return True
         except AssertionError:
             if self.proc.poll() is not None:

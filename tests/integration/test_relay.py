@@ -254,7 +254,7 @@ def test_idle_timeout_closes_both_sides(proxies: ProxyFactory) -> None:
                 assert conn.recv(1) == b""     # the proxy closed the target side
                 assert client.recv(1) == b""   # and the client side
                 assert time.monotonic() - started >= 0.3
-        proxy.wait_for_line(r"end=idle timeout")
+        proxy.wait_for_line(r"end=idle-timeout")
     finally:
         listener.close()
 

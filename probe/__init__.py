@@ -1,0 +1,7 @@
+"""probe: a traffic generator that proves a running rawproxy works (SPEC 8).
+
+Standard library only, and nothing imported from rawproxy, so it cannot
+share the proxy's bugs.  Layers, pure code at the bottom:
+
+    cli -> scenario -> checks, local (echo), report -> framing, config
+"""

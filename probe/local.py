@@ -1,0 +1,195 @@
+"""Local mode: echo backends in place of the targets, a derived config, rawproxy on it.
+
+``LocalEnv.start()`` gives every target of every app its own echo backend
+on 127.0.0.1 (so who served a connection proves which app it went to),
+except targets named in ``down``: those get a loopback port with nothing
+listening.  Each app's ports are replaced by fresh free ports; every other
+key of the config is written as it was.  No name of the config is ever
+resolved.  Then ``rawproxy.py`` runs on the derived config with
+``--listen-host 127.0.0.1`` until its ``ready:`` line (a port taken
+meanwhile means new ports and another try).  Its stderr is always drained.
+
+``close()`` stops it all, also after a failure or Ctrl-C: SIGTERM to the
+proxy's pid, SIGKILL if it does not exit, then the backends.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Deque, Mapping, Optional, Sequence
+
+from .config import App
+from .echo import EchoBackend, EchoServer
+
+READY = "rawproxy.server: ready:"
+_START_TRIES = 5
+_READY_TIMEOUT_S = 15.0
+_STOP_TIMEOUT_S = 10.0
+
+
+class LocalError(Exception):
+    """Local mode could not start; the message says why."""
+
+
+class LocalTarget:
+    __slots__ = ("app", "address", "backend", "port")
+
+    def __init__(self, app: str, address: str, backend: Optional[EchoBackend], port: int) -> None:
+        self.app = app
+        self.address = address      # as written in the config
+        self.backend = backend      # None: down, nothing listens on ``port``
+        self.port = port
+
+    @property
+    def state(self) -> str:
+        if self.backend is None:
+            return "down"
+        return "stopped" if self.backend.stopped else "up"
+
+
+def free_ports(count: int) -> list[int]:
+    """Loopback ports the kernel just handed out, closed again for the caller."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def derive_config(raw: Mapping[str, Any], addresses: Sequence[Sequence[str]],
+                  port_map: Mapping[int, int]) -> dict[str, Any]:
+    """``raw`` with app i's target j at ``addresses[i][j]`` and ports mapped."""
+    apps = []
+    for app, local in zip(raw["Apps"], addresses):
+        targets = [{**t, "Address": a} if isinstance(t, dict) else a
+                   for t, a in zip(app["Targets"], local)]
+        apps.append({**app, "Ports": [port_map[p] for p in app["Ports"]], "Targets": targets})
+    return {**raw, "Apps": apps}
+
+
+class ProxyProcess:
+    """rawproxy in a subprocess; a thread reads its stderr so the pipe never fills."""
+
+    __slots__ = ("proc", "lines", "_ready", "_settled", "_reader")
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: Deque[str] = collections.deque(maxlen=2000)
+        self._ready = False
+        self._settled = threading.Event()   # ready, or stderr ended
+        self._reader = threading.Thread(target=self._read, name="probe-proxy-stderr",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        try:
+            for raw in self.proc.stderr:
+                line = raw.decode(errors="replace").rstrip("\n")
+                self.lines.append(line)
+                if READY in line and not self._ready:
+                    self._ready = True
+                    self._settled.set()
+        finally:
+            self._settled.set()
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        self._settled.wait(timeout_s)
+        return self._ready
+
+    def count(self, text: str) -> int:
+        return sum(1 for line in list(self.lines) if text in line)
+
+    def stop(self) -> int:
+        """SIGTERM (the proxy drains), SIGKILL if it lingers; its exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        code = self.proc.wait(_STOP_TIMEOUT_S)
+        self._reader.join(_STOP_TIMEOUT_S)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return code
+
+
+class LocalEnv:
+    """Backends, derived config and proxy of one local run (see the module doc)."""
+
+    def __init__(self, apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
+                 launcher: Path) -> None:
+        self.apps = apps
+        self._raw = raw
+        self._down = down
+        self._launcher = launcher
+        self._echo: Optional[EchoServer] = None
+        self._tmp: Optional[tempfile.TemporaryDirectory[str]] = None
+        self.targets: list[list[LocalTarget]] = []
+        self.port_map: dict[int, int] = {}
+        self.proxy: Optional[ProxyProcess] = None
+        self.exit_code: Optional[int] = None
+
+    def start(self) -> None:
+        self._echo = echo = EchoServer()
+        self._tmp = tempfile.TemporaryDirectory(prefix="probe-")
+        dead = iter(free_ports(sum(a in self._down for app in self.apps for a in app.targets)))
+        for app in self.apps:
+            row = []
+            for address in app.targets:
+                backend = None if address in self._down else echo.add()
+                row.append(LocalTarget(app.name, address, backend,
+                                       next(dead) if backend is None else backend.port))
+            self.targets.append(row)
+        addresses = [[f"127.0.0.1:{t.port}" for t in row] for row in self.targets]
+        path = Path(self._tmp.name) / "config.json"
+        for _ in range(_START_TRIES):
+            ports = [p for app in self.apps for p in app.ports]
+            self.port_map = dict(zip(ports, free_ports(len(ports))))
+            path.write_text(json.dumps(derive_config(self._raw, addresses, self.port_map),
+                                       indent=2))
+            self.proxy = ProxyProcess([sys.executable, str(self._launcher), "--config",
+                                       str(path), "--listen-host", "127.0.0.1",
+                                       "--log-level", "info"])
+            if self.proxy.wait_ready(_READY_TIMEOUT_S):
+                return
+            self.proxy.stop()
+            if not self.proxy.count("Address already in use"):
+                break
+        tail = "\n".join(list(self.proxy.lines)[-10:]) if self.proxy else ""
+        raise LocalError(f"rawproxy did not start ({self._launcher}):\n{tail}")
+
+    def stop_target(self, target: LocalTarget) -> None:
+        if self._echo is not None and target.backend is not None:
+            self._echo.stop(target.backend)
+
+    def served(self, target: LocalTarget) -> tuple[int, tuple[int, ...]]:
+        if self._echo is None or target.backend is None:
+            return 0, ()
+        return self._echo.snapshot(target.backend)
+
+    def close(self) -> None:
+        """Stop everything started; safe to call twice and after a failed start."""
+        try:
+            if self.proxy is not None and self.exit_code is None:
+                self.exit_code = self.proxy.stop()
+        finally:
+            if self._echo is not None:
+                self._echo.close()
+                self._echo = None
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None

@@ -1,0 +1,123 @@
+"""What a run does: one phase against a running proxy, or the local scenario.
+
+Local scenario: start ``LocalEnv`` -> phase 1, every port checked with all
+backends up -> stop one live backend of each app that has two or more ->
+phase 2, every port checked again (new connections must fail over) ->
+stop everything -> judge: how connections spread over the targets, that
+every probe connection was served by exactly one backend of its own app
+(backends record the stream id each connection started with), that
+failover left stopped and down targets alone, and that the proxy exited 0
+on SIGTERM without logging an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from .checks import Options, Planner, Progress, Target, run_checks
+from .config import App
+from .local import LocalEnv, LocalTarget
+from .report import Check, Phase, Report, SpreadRow
+
+
+def run_remote(apps: Sequence[App], host: str, options: Options, planner: Planner,
+               progress: Optional[Progress] = None) -> Report:
+    started = time.perf_counter()
+    targets = [Target(app.name, port, host, port) for app in apps for port in app.ports]
+    results = run_checks(targets, options, planner, progress)
+    return Report(host, [Phase(f"probe connections to {host}", results)],
+                  time.perf_counter() - started)
+
+
+def run_local(apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
+              launcher: Path, options: Options, planner: Planner,
+              progress: Optional[Progress] = None) -> Report:
+    started = time.perf_counter()
+    env = LocalEnv(apps, raw, down, launcher)
+    try:
+        env.start()
+        assert env.proxy is not None
+        targets = [Target(app.name, port, "127.0.0.1", env.port_map[port])
+                   for app in apps for port in app.ports]
+        phase1 = run_checks(targets, options, planner, progress)
+        after1 = {id(t): env.served(t) for row in env.targets for t in row}
+        stopped = [live[0] for live in ([t for t in row if t.backend is not None]
+                                        for row in env.targets) if len(live) >= 2]
+        for target in stopped:
+            env.stop_target(target)
+        phase2 = run_checks(targets, options, planner, progress)
+        after2 = {id(t): env.served(t) for row in env.targets for t in row}
+        pid = env.proxy.proc.pid
+    finally:
+        env.close()
+    phases = [
+        Phase(f"phase 1: every target up, rawproxy (pid {pid}) on 127.0.0.1", phase1),
+        Phase("phase 2: new connections after stopping "
+              + (", ".join(f"{t.app}'s {t.address}" for t in stopped) or "nothing"), phase2)]
+    spread = [SpreadRow(t.app, t.address, f"127.0.0.1:{t.port}",
+                        (after1[id(t)][0], after2[id(t)][0] - after1[id(t)][0]), _state(t))
+              for row in env.targets for t in row]
+    checks = [_isolation(env.targets, phases, after2), _failover(stopped, phase2, spread),
+              _proxy(env)]
+    return Report("127.0.0.1", phases, time.perf_counter() - started, env.port_map,
+                  spread, checks)
+
+
+def _state(target: LocalTarget) -> str:
+    return {"down": "down: nothing listens", "stopped": "stopped after phase 1"}.get(
+        target.state, target.state)
+
+
+def _isolation(targets: Sequence[Sequence[LocalTarget]], phases: Sequence[Phase],
+               served: Mapping[int, tuple[int, tuple[int, ...]]]) -> Check:
+    owner = {c.stream_id: r.target for p in phases for r in p.results for c in r.conns}
+    times_served: collections.Counter[int] = collections.Counter()
+    problems = []
+    for target in (t for row in targets for t in row):
+        for stream in served[id(target)][1]:
+            times_served[stream] += 1
+            want = owner.get(stream)
+            if want is None:
+                problems.append(f"{target.app}'s {target.address} served a connection "
+                                "the probe never made")
+            elif want.app != target.app:
+                problems.append(f"a connection to {want.app} port {want.port} reached "
+                                f"{target.app}'s {target.address}")
+    passed = [(c.stream_id, r.target) for p in phases for r in p.results for c in r.conns
+              if c.defect is None]
+    problems += [f"a connection to {t.app} port {t.port} was served by {times_served[s]} "
+                 "backends" for s, t in passed if times_served[s] != 1]
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        return Check("isolation", False, problems[0] + more)
+    return Check("isolation", True, f"each of the {len(passed)} passed connections was "
+                 "served by exactly one target of its own app")
+
+
+def _failover(stopped: Sequence[LocalTarget], phase2: Sequence[Any],
+              spread: Sequence[SpreadRow]) -> Check:
+    idle = [r for r in spread if r.state != "up"]
+    leaks = [f"{r.app}'s {r.target} ({r.state}) served {r.counts[1]}"
+             for r in idle if r.counts[1]]
+    failed = sum(not r.passed for r in phase2)
+    if leaks or failed:
+        return Check("failover", False, "; ".join(leaks + (
+            [f"{failed} ports failed after the stop"] if failed else [])))
+    return Check("failover", True, f"{len(stopped)} targets stopped midway and "
+                 f"{len(idle) - len(stopped)} down from the start served nothing in phase 2; "
+                 "every new connection passed")
+
+
+def _proxy(env: LocalEnv) -> Check:
+    assert env.proxy is not None
+    errors = [line for line in env.proxy.lines if " ERROR " in line]
+    failed_over = env.proxy.count("connect failed")
+    detail = (f"rawproxy exited {env.exit_code} after SIGTERM, "
+              f"{failed_over} failed connects to targets were retried elsewhere, "
+              f"{len(errors)} errors logged")
+    if errors:
+        detail += f"; first: {errors[0][:200]}"
+    return Check("proxy", env.exit_code == 0 and not errors, detail)

@@ -29,12 +29,17 @@ typecheck: $(STAMP)
 	# mypy sees rawproxy.py as a duplicate of the package: check it by running it.
 	$(PYTHON) rawproxy.py --check > /dev/null
 
-## The runtime code must need nothing newer than Python 3.9.
+## The runtime code must need nothing newer than Python 3.9: vermin reads it,
+## and where a 3.9 interpreter exists (pyenv's, say) it imports and runs it.
+PY39 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.9*/bin/python3.9) \
+                   $(shell command -v python3.9 2>/dev/null))
 compat: $(STAMP)
-	$(VENV)/bin/vermin --target=3.9- --no-tips --violations rawproxy rawproxy.py
-	@if command -v python3.9 >/dev/null 2>&1 && python3.9 -c '' 2>/dev/null; then \
-		echo "python3.9 rawproxy.py --check"; python3.9 rawproxy.py --check > /dev/null; \
-	else echo "python3.9 not installed: vermin's static check stands alone"; fi
+	$(VENV)/bin/vermin --target=3.9- --no-tips --violations rawproxy probe rawproxy.py
+	@if [ -n "$(PY39)" ] && "$(PY39)" -c '' 2>/dev/null; then \
+		echo "$(PY39): import every module, run --check"; \
+		"$(PY39)" -c 'import pkgutil, importlib, rawproxy, probe; [importlib.import_module(m.name) for p in (rawproxy, probe) for m in pkgutil.iter_modules(p.__path__, p.__name__ + ".") if not m.name.endswith("__main__")]' && \
+		"$(PY39)" rawproxy.py --check > /dev/null; \
+	else echo "no python3.9 here: vermin's static check stands alone"; fi
 
 ## Run the proxy on the shipped config.json.
 run:

@@ -20,6 +20,7 @@ from . import __version__
 from .admin import AdminHandlers, AdminServer
 from .config import Config, ConfigError, FileConfigSource, format_summary
 from .loop import EventLoop
+from .privileges import PrivilegeError, drop_privileges, lookup_identity, raise_fd_limit
 from .reloader import Reloader
 from .resolver import Resolver
 from .server import BindError, Server
@@ -80,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=_positive_seconds, default=30.0,
                         metavar="SECONDS",
                         help="how long SIGTERM/SIGINT wait for open connections (default: 30)")
+    parser.add_argument("--half-open-timeout", type=_positive_seconds, default=60.0,
+                        metavar="SECONDS",
+                        help="close a connection whose one direction has ended and on "
+                             "which no bytes moved for this long (default: 60)")
+    parser.add_argument("--user", metavar="NAME",
+                        help="drop root privileges to this user after binding")
+    parser.add_argument("--group", metavar="NAME",
+                        help="and to this group (default: the user's primary group)")
     parser.add_argument("--log-level", default="info",
                         choices=("debug", "info", "warning", "error"),
                         help="log level (default: info)")
@@ -147,14 +156,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.check:
         print(format_summary(config))
         return EXIT_OK
+    try:
+        identity = lookup_identity(args.user, args.group)
+    except PrivilegeError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
     _configure_logging(args.log_level, args.log_format)
-    return _serve(args, source, config)
+    log.info("rawproxy %s, file descriptor limit %d", __version__, raise_fd_limit())
+    return _serve(args, source, config, identity)
 
 
-def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config) -> int:
+def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
+           identity: Optional[tuple[int, int]]) -> int:
     loop = EventLoop()
     resolver = Resolver(loop.call_soon_threadsafe)
-    server = Server(config, loop, resolver, listen_host=args.listen_host)
+    server = Server(config, loop, resolver, listen_host=args.listen_host,
+                    half_open_timeout_s=args.half_open_timeout)
     reloader = Reloader(loop, server, source)
     admin: Optional[AdminServer] = None
 
@@ -188,6 +205,13 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config) -
         except BindError as exc:
             _error(str(exc))
             return EXIT_BIND
+        if identity is not None:
+            try:
+                drop_privileges(*identity)
+            except (PrivilegeError, OSError) as exc:
+                _error(f"cannot drop privileges: {exc}")
+                return EXIT_BIND
+            log.info("running as uid %d, gid %d", *identity)
         if args.watch:
             reloader.watch()
         loop.run()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import random
 import socket
 from typing import Callable, Optional
@@ -78,7 +79,8 @@ class Server:
     def __init__(self, config: Config, loop: EventLoop, resolver: Resolver, *,
                  listen_host: str = "0.0.0.0", rng: Optional[random.Random] = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, backlog: int = 1024,
-                 accept_batch: int = 64, stats: Optional[Stats] = None) -> None:
+                 accept_batch: int = 64, stats: Optional[Stats] = None,
+                 half_open_timeout_s: float = 60.0) -> None:
         self.config = config
         self.loop = loop
         self.listen_host = listen_host
@@ -90,7 +92,8 @@ class Server:
         self._backlog = backlog
         self._accept_batch = accept_batch
         self._ctx = SessionContext(loop, resolver, BufferPool(buffer_bytes),
-                                   self._on_session_closed)
+                                   self._on_session_closed, half_open_timeout_s)
+        self._reserve_fd = -1
         self.listeners: dict[int, Listener] = {}
         self.sessions: set[Session] = set()
         # Keyed by app name, and kept for apps a reload removed while
@@ -107,6 +110,7 @@ class Server:
         """Bind every port; on any failure close what was bound and raise BindError."""
         for listener in self._bind_all(self.router, sorted(self.router.ports)):
             self._register(listener)
+        self._reserve_fd = _open_reserve_fd()
         self._health.start(self.router)
         log.info("ready: %d ports for %d apps on %s", len(self.listeners),
                  len(self.config.apps), self.listen_host)
@@ -202,10 +206,30 @@ class Server:
                 if exc.errno in netio.ACCEPT_TRANSIENT_ERRNOS:
                     continue
                 if exc.errno in netio.ACCEPT_RESOURCE_ERRNOS:
+                    self._shed_one(listener)
                     self._pause_accepting(exc)
                     return
                 raise
             self._on_client(listener, client, addr)
+
+    def _shed_one(self, listener: Listener) -> None:
+        """libuv's trick: spend the reserve descriptor to accept and close the
+        waiting client, so it hears at once instead of hanging in the backlog."""
+        if self._reserve_fd < 0:
+            return
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        try:
+            client, addr = listener.sock.accept()
+        except OSError:
+            pass
+        else:
+            listener.route.stats.accepted += 1
+            listener.route.stats.ended("shed")
+            _log_access(listener.route.app.name, listener.port, netio.format_sockaddr(addr),
+                        "-", 0, 0, 0, "shed", "out of file descriptors")
+            netio.abort(client)
+        self._reserve_fd = _open_reserve_fd()
 
     def _pause_accepting(self, exc: OSError) -> None:
         log.warning("accept paused for %.1fs: %s", ACCEPT_PAUSE_S, exc.strerror or exc)
@@ -215,6 +239,8 @@ class Server:
 
     def _resume_accepting(self) -> None:
         self._accept_paused = False
+        if self._reserve_fd < 0:
+            self._reserve_fd = _open_reserve_fd()
         self._refresh_listeners()
 
     def _on_client(self, listener: Listener, client: socket.socket, addr: object) -> None:
@@ -343,7 +369,17 @@ class Server:
         self._draining = True
         self.close_listeners()
         self._health.stop()
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
         self.close_sessions("shutdown")
+
+
+def _open_reserve_fd() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1  # out of descriptors already; retried when accepting resumes
 
 
 def _log_access(app: str, port: int, client: str, target: str, bytes_in: int,

@@ -47,14 +47,19 @@ class State(enum.Enum):
 class SessionContext:
     """What every session of a server shares (one object, not globals)."""
 
-    __slots__ = ("loop", "resolver", "pool", "on_closed")
+    __slots__ = ("loop", "resolver", "pool", "on_closed", "half_open_timeout_s")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
-                 on_closed: Callable[[Session], None]) -> None:
+                 on_closed: Callable[[Session], None],
+                 half_open_timeout_s: float = 60.0) -> None:
         self.loop = loop
         self.resolver = resolver
         self.pool = pool
         self.on_closed = on_closed
+        # HAProxy's client-fin/server-fin: once one direction has ended, a
+        # connection with no bytes moving is closed after this long, so a
+        # lost final FIN cannot pin it (and its descriptors) for ever.
+        self.half_open_timeout_s = half_open_timeout_s
 
 
 class Session:
@@ -206,9 +211,7 @@ class Session:
             relay.upstream.ring.append(proxyproto.header(version, peer, local))
         loop.watch(self._client_fd, self._on_client_events)
         self.last_active = loop.now
-        if self.route.app.idle_timeout_s is not None:
-            self._idle_timer = loop.call_later(self.route.app.idle_timeout_s,
-                                               self._on_idle_check)
+        self._arm_inactivity_timer()
         self._update_interest()
 
     # -- relaying -------------------------------------------------------------
@@ -276,11 +279,13 @@ class Session:
             except netio.WOULD_BLOCK:
                 break
             flow.on_sent(sent)
+            self.last_active = self._ctx.loop.now
             if sent < len(view):
                 break
         if flow.should_shutdown_write():
             netio.shutdown_write(dst)
             flow.on_shutdown_write()
+            self._arm_inactivity_timer()  # half-open now: a shorter limit may apply
 
     def _update_interest(self) -> None:
         relay = self.relay
@@ -289,18 +294,37 @@ class Session:
         loop.set_interest(self._client_fd, relay.client_mask())
         loop.set_interest(self._target_fd, relay.target_mask())
 
+    def _inactivity_limit(self) -> tuple[Optional[float], str]:
+        """How long the connection may sit with no bytes moving, and the end code."""
+        limit = self.route.app.idle_timeout_s
+        relay = self.relay
+        if relay is not None and (relay.upstream.dst_shut or relay.downstream.dst_shut):
+            half_open = self._ctx.half_open_timeout_s
+            if limit is None or half_open < limit:
+                return half_open, "half-open-timeout"
+        return limit, "idle-timeout"
+
+    def _arm_inactivity_timer(self) -> None:
+        limit, _ = self._inactivity_limit()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if limit is not None:
+            remaining = limit - (self._ctx.loop.time() - self.last_active)
+            self._idle_timer = self._ctx.loop.call_later(max(0.0, remaining),
+                                                         self._on_idle_check)
+
     def _on_idle_check(self) -> None:
-        timeout = self.route.app.idle_timeout_s
-        if self.state is not State.RELAYING or timeout is None:
+        self._idle_timer = None
+        limit, end = self._inactivity_limit()
+        if self.state is not State.RELAYING or limit is None:
             return
-        idle_for = self._ctx.loop.time() - self.last_active
-        if idle_for >= timeout:
-            self.close("idle-timeout", reset=False)
+        if self._ctx.loop.time() - self.last_active >= limit:
+            self.close(end, reset=False)
         else:
             # Activity stamps are cheap; the timer is re-armed lazily for the
             # remainder instead of being rescheduled on every byte.
-            self._idle_timer = self._ctx.loop.call_later(timeout - idle_for,
-                                                         self._on_idle_check)
+            self._arm_inactivity_timer()
 
     # -- closing ------------------------------------------------------------
 

@@ -167,12 +167,13 @@ class Backend:
 class ProxyProcess:
     """``python3 rawproxy.py`` in a subprocess, its stderr collected."""
 
-    def __init__(self, argv: Sequence[str], config_path: Path) -> None:
+    def __init__(self, argv: Sequence[str], config_path: Path,
+                 preexec_fn: Optional[Callable[[], None]] = None) -> None:
         self.config_path = config_path
         self.proc = subprocess.Popen(
             list(argv), cwd=str(REPO), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn)
         self.pid = self.proc.pid
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -305,3 +306,113 @@ def run_cli(*args: str, cwd: Optional[Path] = None,
     return subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=str(cwd or REPO),
                           stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout_s)
+
+
+class SelectorEcho:
+    """An echo server for thousands of connections on one thread (selectors)."""
+
+    def __init__(self) -> None:
+        import selectors
+        self._selectors = selectors
+        self._sel = selectors.DefaultSelector()
+        self._sock = socket.socket()
+        self._sock.bind((HOST, 0))
+        self._sock.listen(4096)
+        self._sock.setblocking(False)
+        self.port: int = self._sock.getsockname()[1]
+        self.address = f"{HOST}:{self.port}"
+        self.accepted = 0
+        self._pending: dict[socket.socket, bytearray] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._sel.register(self._sock, selectors.EVENT_READ)
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        read, write = self._selectors.EVENT_READ, self._selectors.EVENT_WRITE
+        while not self._stop:
+            for key, events in self._sel.select(1.0):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                if sock is self._wake_r:
+                    continue
+                if sock is self._sock:
+                    for _ in range(256):
+                        try:
+                            conn, _ = self._sock.accept()
+                        except BlockingIOError:
+                            break
+                        conn.setblocking(False)
+                        self.accepted += 1
+                        self._pending[conn] = bytearray()
+                        self._sel.register(conn, read)
+                    continue
+                pending = self._pending[sock]
+                try:
+                    if events & read:
+                        data = sock.recv(65536)
+                        if not data:
+                            self._drop(sock)
+                            continue
+                        pending += data
+                    if pending:
+                        sent = sock.send(pending)
+                        del pending[:sent]
+                except OSError:
+                    self._drop(sock)
+                    continue
+                self._sel.modify(sock, write if pending else read)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self._sel.unregister(sock)
+        del self._pending[sock]
+        sock.close()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._pending)
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake_w.send(b"x")
+        self._thread.join(5)
+        for sock in list(self._pending):
+            sock.close()
+        self._sel.close()
+        self._sock.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+# A standalone echo server for tests that SIGKILL their backend.
+ECHO_SCRIPT = """
+import socket, sys, threading
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("127.0.0.1", int(sys.argv[1])))
+listener.listen(128)
+print("listening", flush=True)
+def serve(conn):
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            conn.sendall(data)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def start_echo_process(port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-c", ECHO_SCRIPT, str(port)],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "listening":
+        proc.kill()
+        proc.wait(5)
+        raise AssertionError("echo process did not start")
+    return proc

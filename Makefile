@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test unit integration typecheck compat run check clean dist
+.PHONY: test unit integration typecheck compat run check clean probe dist soak
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,12 +41,22 @@ compat: $(STAMP)
 		"$(PY39)" rawproxy.py --check > /dev/null; \
 	else echo "no python3.9 here: vermin's static check stands alone"; fi
 
+## Clients of every kind against backends killed and restarted at random;
+## checks the proxy loses nothing and leaks nothing, prints a table.
+SOAK_SECONDS ?= 60
+soak: $(STAMP)
+	$(VPY) -m tests.soak.soak --duration $(SOAK_SECONDS)
+
 ## Run the proxy on the shipped config.json.
 run:
 	$(PYTHON) rawproxy.py
 
 check:
 	$(PYTHON) rawproxy.py --check
+
+## Prove it works: local echo backends, the proxy on them, the probe through it.
+probe:
+	$(PYTHON) -m probe --local --config config.json --down bad.target.for.testing:6003
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .hypothesis .benchmarks dist

@@ -11,11 +11,13 @@ or error; defects in the echoed bytes come from framing.Decoder.
 
 ``check_port`` runs ``connections`` of these at once against one port
 (again and again until ``duration_s`` when that is given) and sums them up
-in a ``PortResult``.  ``run_checks`` checks many ports at once.
+in a ``PortResult``.  ``run_checks`` checks many ports: one after another,
+or all at once in load mode.
 """
 
 from __future__ import annotations
 
+import errno
 import math
 import random
 import selectors
@@ -32,11 +34,10 @@ _SMALL_FRAME_BYTES = 64 * 1024
 
 class Options(NamedTuple):
     connections: int = 4          # at once, per port
-    frames: int = 6               # per connection
+    frames: int = 8               # per connection
     max_frame: int = 1 << 20      # one frame this big on the first connection of a port
     stall_s: float = 5.0
     duration_s: Optional[float] = None   # load mode: keep reconnecting until then
-    seed: Optional[int] = None
 
 
 class Target(NamedTuple):
@@ -114,9 +115,14 @@ class Planner:
             return stream_id, sizes[:frames]
 
 
+# The peer tore an established connection down: ECONNRESET/EPIPE from recv
+# or send, and ENOTCONN from shutdown(SHUT_WR) once a reset has arrived.
+_RESET_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED, errno.ENOTCONN})
+
+
 def _socket_defect(exc: OSError, decoder: Decoder, total: int) -> Defect:
     where = f"after {decoder.bytes_ok} of {total} bytes echoed"
-    if isinstance(exc, (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+    if exc.errno in _RESET_ERRNOS:
         return Defect(Kind.RESET, f"connection reset {where}")
     return Defect(Kind.ERROR, f"{exc.strerror or exc} {where}")
 
@@ -220,9 +226,13 @@ def check_port(target: Target, options: Options, planner: Planner,
         big = index == 0
         while True:
             stream_id, sizes = planner.plan(options.frames, options.max_frame, big)
-            result = run_connection(target.host, target.probe_port, stream_id, sizes,
-                                    options.stall_s)
             big = False
+            try:
+                result = run_connection(target.host, target.probe_port, stream_id, sizes,
+                                        options.stall_s)
+            except Exception as exc:  # a bug of the probe's must fail the check, not vanish
+                result = ConnResult(stream_id, Defect(Kind.ERROR, f"probe error: {exc!r}"),
+                                    0.0, (), 0)
             with lock:
                 results.append(result)
             if progress is not None:
@@ -236,14 +246,20 @@ def check_port(target: Target, options: Options, planner: Planner,
 
 def run_checks(targets: Sequence[Target], options: Options, planner: Planner,
                progress: Optional[Progress] = None) -> list[PortResult]:
-    """Every target checked at once; results in the order of ``targets``."""
-    results: list[Optional[PortResult]] = [None] * len(targets)
+    """Results in the order of ``targets``.  One port after another, so each
+    row's latency and throughput are its own; in load mode every port at once
+    for ``duration_s``, as load."""
+    results = [PortResult(t, (), 0.0) for t in targets]   # stays failed if a check dies
 
     def check(index: int) -> None:
         results[index] = check_port(targets[index], options, planner, progress)
 
-    _run_all(check, len(targets))
-    return [r for r in results if r is not None]
+    if options.duration_s is None:
+        for index in range(len(targets)):
+            check(index)
+    else:
+        _run_all(check, len(targets))
+    return results
 
 
 def _run_all(job: Callable[[int], None], count: int) -> None:

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"local mode: rawproxy launcher (default: {LAUNCHER})")
     p.add_argument("--connections", type=_number(int, 1, 10_000), default=4, metavar="N",
                    help="concurrent connections per port (default: 4)")
-    p.add_argument("--frames", type=_number(int, 1, 1_000_000), default=6, metavar="N",
-                   help="frames per connection (default: 6)")
+    p.add_argument("--frames", type=_number(int, 1, 1_000_000), default=8, metavar="N",
+                   help="frames per connection (default: 8)")
     p.add_argument("--max-frame", type=_number(int, 1, 2**31), default=1 << 20,
                    metavar="BYTES", help="the big frame each port's first connection "
                                          "sends (default: 1048576)")
@@ -113,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"--down {sorted(unknown)[0]} is not a target in {args.config}")
     options = Options(int(args.connections), int(args.frames), int(args.max_frame),
-                      args.timeout, args.duration, args.seed)
+                      args.timeout, args.duration)
     planner, progress = Planner(args.seed), Progress()
     try:
         with _live(progress, sys.stdout.isatty() and not args.json):

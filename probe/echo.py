@@ -120,9 +120,11 @@ class EchoServer:
 
     def _shutdown(self) -> None:
         self._running = False
-        for key in list(self._selector.get_map().values()):
-            if key.fileobj is not self._wake_r:
-                self._drop(key.fileobj)  # type: ignore[arg-type]
+        for handler in list(self._handlers.values()):
+            if isinstance(handler, EchoBackend):
+                self._drop(handler.listener)
+            elif isinstance(handler, _Conn):
+                self._drop(handler.sock)
 
     def _run(self) -> None:
         try:

@@ -100,8 +100,6 @@ class Decoder:
 
     def feed(self, data: bytes) -> int:
         if self.defect is not None or self.done:
-            if data and self.defect is None:
-                self._fail(Kind.EXTRA, f"{len(data)} bytes after EOF")
             return 0
         if not data:
             self._on_eof()
@@ -167,9 +165,12 @@ class Decoder:
                 header, _FIELDS.size)[0]:
             expected = _FIELDS.pack(MAGIC, self.stream_id, seq, 0, 0)[:_KNOWN]
             index = _first_difference(header[:_KNOWN], expected)
-            where = f"byte {index}" if index >= 0 else "length or checksum field"
-            self._fail(Kind.CORRUPTED, f"frame {seq} header {where} (stream byte "
-                       f"{at + max(index, 0)})")
+            if index >= 0:
+                self._fail(Kind.CORRUPTED, f"frame {seq} header byte {index} "
+                           f"(stream byte {at + index})")
+            else:   # the bytes a receiver cannot predict: length and checksums
+                self._fail(Kind.CORRUPTED, f"frame {seq} header: bad length or checksum "
+                           f"(stream bytes {at + _KNOWN}-{at + HEADER_SIZE - 1})")
         elif stream != self.stream_id:
             self._fail(Kind.MIXED, f"frame {got_seq} of stream {stream:08x} arrived on stream "
                        f"{self.stream_id:08x} where its frame {seq} was due (stream byte {at})")

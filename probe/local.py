@@ -163,7 +163,7 @@ class LocalEnv:
                                        indent=2))
             self.proxy = ProxyProcess([sys.executable, str(self._launcher), "--config",
                                        str(path), "--listen-host", "127.0.0.1",
-                                       "--log-level", "info"])
+                                       "--log-level", "info", "--drain-timeout", "5"])
             if self.proxy.wait_ready(_READY_TIMEOUT_S):
                 return
             self.proxy.stop()
@@ -182,14 +182,18 @@ class LocalEnv:
         return self._echo.snapshot(target.backend)
 
     def close(self) -> None:
-        """Stop everything started; safe to call twice and after a failed start."""
+        """Stop everything started; safe to call twice and after a failed start.
+        Backends first: if checks were interrupted, their connections end, so
+        the proxy's drain has nothing to wait for."""
         try:
-            if self.proxy is not None and self.exit_code is None:
-                self.exit_code = self.proxy.stop()
-        finally:
             if self._echo is not None:
                 self._echo.close()
                 self._echo = None
-            if self._tmp is not None:
-                self._tmp.cleanup()
-                self._tmp = None
+        finally:
+            try:
+                if self.proxy is not None and self.exit_code is None:
+                    self.exit_code = self.proxy.stop()
+            finally:
+                if self._tmp is not None:
+                    self._tmp.cleanup()
+                    self._tmp = None

@@ -42,6 +42,7 @@ class Report(NamedTuple):
     port_map: Mapping[int, int] = {}
     spread: Sequence[SpreadRow] = ()
     checks: Sequence[Check] = ()
+    load: bool = False     # load mode: connections/s is worth a column
 
     @property
     def results(self) -> list[PortResult]:
@@ -68,7 +69,7 @@ def _stats(result: PortResult) -> dict[str, Any]:
         "frames": len(latencies), "bytes_verified": verified,
         "elapsed_s": round(result.elapsed_s, 4),
         "connections_per_s": round(len(conns) / elapsed, 1),
-        "mb_per_s": round(verified / _MIB / elapsed, 2),
+        "mib_per_s": round(verified / _MIB / elapsed, 2),
         "connect_ms": {"p50": _ms(percentile(connects, 0.5)), "max": _ms(max(connects,
                                                                            default=0.0))},
         "latency_ms": {k: _ms(percentile(latencies, f)) for k, f in
@@ -118,9 +119,9 @@ def _table(rows: Sequence[Sequence[str]], right: str) -> list[str]:
             for row in rows]
 
 
-def _port_rows(report: Report, phase: Phase) -> list[list[str]]:
-    rows = [["APP", "PORT", "RESULT", "CONNS", "CONN/S", "VERIFIED", "MB/S", "CONNECT",
-             "p50", "p90", "p99", "max", "REASON"]]
+def _port_rows(phase: Phase, load: bool) -> list[list[str]]:
+    rows = [["APP", "PORT", "RESULT", "CONNS", "CONN/S", "VERIFIED", "MiB/s", "CONNECT",
+             "RTT p50", "p90", "p99", "max", "REASON"]]
     for result in phase.results:
         s = _stats(result)
         port = str(s["port"]) if s["port"] == s["probe_port"] else \
@@ -128,17 +129,18 @@ def _port_rows(report: Report, phase: Phase) -> list[list[str]]:
         lat = s["latency_ms"]
         rows.append([s["app"], port, "PASS" if s["passed"] else "FAIL",
                      str(s["connections"]), f"{s['connections_per_s']:.0f}",
-                     f"{s['bytes_verified'] / _MIB:.2f} MiB", f"{s['mb_per_s']:.1f}",
+                     f"{s['bytes_verified'] / _MIB:.2f} MiB", f"{s['mib_per_s']:.1f}",
                      _fmt_ms(s["connect_ms"]["p50"]), _fmt_ms(lat["p50"]),
                      _fmt_ms(lat["p90"]), _fmt_ms(lat["p99"]), _fmt_ms(lat["max"]),
                      s["reason"]])
-    return rows
+    return rows if load else [row[:4] + row[5:] for row in rows]
 
 
 def render(report: Report) -> str:
     lines: list[str] = []
     for phase in report.phases:
-        lines += [phase.title, *_table(_port_rows(report, phase), "llrrrrrrrrrrl"), ""]
+        align = "llrrrrrrrrrrl" if report.load else "llrrrrrrrrrl"
+        lines += [phase.title, *_table(_port_rows(phase, report.load), align), ""]
     if report.spread:
         counts = len(report.spread[0].counts)
         head = ["APP", "TARGET", "STANDS IN", *[f"PHASE {i + 1}" for i in range(counts)],

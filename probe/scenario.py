@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .checks import Options, Planner, Progress, Target, run_checks
+from .checks import Options, Planner, PortResult, Progress, Target, run_checks
 from .config import App
 from .local import LocalEnv, LocalTarget
 from .report import Check, Phase, Report, SpreadRow
@@ -29,7 +29,7 @@ def run_remote(apps: Sequence[App], host: str, options: Options, planner: Planne
     targets = [Target(app.name, port, host, port) for app in apps for port in app.ports]
     results = run_checks(targets, options, planner, progress)
     return Report(host, [Phase(f"probe connections to {host}", results)],
-                  time.perf_counter() - started)
+                  time.perf_counter() - started, load=options.duration_s is not None)
 
 
 def run_local(apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
@@ -50,20 +50,24 @@ def run_local(apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
             env.stop_target(target)
         phase2 = run_checks(targets, options, planner, progress)
         after2 = {id(t): env.served(t) for row in env.targets for t in row}
+        states = {id(t): _state(t) for row in env.targets for t in row}
         pid = env.proxy.proc.pid
     finally:
         env.close()
+    down_now = [f"{t.app}'s {t.address}" for row in env.targets for t in row
+                if t.backend is None]
     phases = [
-        Phase(f"phase 1: every target up, rawproxy (pid {pid}) on 127.0.0.1", phase1),
-        Phase("phase 2: new connections after stopping "
+        Phase(f"phase 1: rawproxy (pid {pid}) on 127.0.0.1, a local echo backend for each "
+              f"target" + (f" but {', '.join(down_now)} (down)" if down_now else ""), phase1),
+        Phase("phase 2 (failover): new connections after stopping "
               + (", ".join(f"{t.app}'s {t.address}" for t in stopped) or "nothing"), phase2)]
     spread = [SpreadRow(t.app, t.address, f"127.0.0.1:{t.port}",
-                        (after1[id(t)][0], after2[id(t)][0] - after1[id(t)][0]), _state(t))
+                        (after1[id(t)][0], after2[id(t)][0] - after1[id(t)][0]), states[id(t)])
               for row in env.targets for t in row]
     checks = [_isolation(env.targets, phases, after2), _failover(stopped, phase2, spread),
               _proxy(env)]
     return Report("127.0.0.1", phases, time.perf_counter() - started, env.port_map,
-                  spread, checks)
+                  spread, checks, load=options.duration_s is not None)
 
 
 def _state(target: LocalTarget) -> str:
@@ -97,7 +101,7 @@ def _isolation(targets: Sequence[Sequence[LocalTarget]], phases: Sequence[Phase]
                  "served by exactly one target of its own app")
 
 
-def _failover(stopped: Sequence[LocalTarget], phase2: Sequence[Any],
+def _failover(stopped: Sequence[LocalTarget], phase2: Sequence[PortResult],
               spread: Sequence[SpreadRow]) -> Check:
     idle = [r for r in spread if r.state != "up"]
     leaks = [f"{r.app}'s {r.target} ({r.state}) served {r.counts[1]}"
@@ -106,18 +110,16 @@ def _failover(stopped: Sequence[LocalTarget], phase2: Sequence[Any],
     if leaks or failed:
         return Check("failover", False, "; ".join(leaks + (
             [f"{failed} ports failed after the stop"] if failed else [])))
-    return Check("failover", True, f"{len(stopped)} targets stopped midway and "
-                 f"{len(idle) - len(stopped)} down from the start served nothing in phase 2; "
-                 "every new connection passed")
+    return Check("failover", True, f"every phase 2 connection passed; the {len(stopped)} "
+                 f"stopped and {len(idle) - len(stopped)} down targets served none")
 
 
 def _proxy(env: LocalEnv) -> Check:
     assert env.proxy is not None
     errors = [line for line in env.proxy.lines if " ERROR " in line]
     failed_over = env.proxy.count("connect failed")
-    detail = (f"rawproxy exited {env.exit_code} after SIGTERM, "
-              f"{failed_over} failed connects to targets were retried elsewhere, "
-              f"{len(errors)} errors logged")
+    detail = (f"exit status {env.exit_code} after SIGTERM; it logged {failed_over} failed "
+              f"connects (each failed over) and {len(errors)} errors")
     if errors:
         detail += f"; first: {errors[0][:200]}"
     return Check("proxy", env.exit_code == 0 and not errors, detail)

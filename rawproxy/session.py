@@ -250,6 +250,12 @@ class Session:
             log.exception("app %s: unexpected socket error", self.route.app.name)
             self.close("error", reset=True, detail=str(exc))
             return
+        except Exception as exc:
+            # A bug must cost this one connection, not the loop: left open,
+            # a broken session would fire (and fail) on every turn.
+            log.exception("app %s: internal error in a session", self.route.app.name)
+            self.close("error", reset=True, detail=repr(exc))
+            return
         relay = self.relay
         assert relay is not None
         if relay.is_done():

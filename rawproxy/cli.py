@@ -20,6 +20,7 @@ from . import __version__
 from .admin import AdminHandlers, AdminServer
 from .config import Config, ConfigError, FileConfigSource, format_summary
 from .loop import EventLoop
+from .pipes import splice_available
 from .privileges import PrivilegeError, drop_privileges, lookup_identity, raise_fd_limit
 from .reloader import Reloader
 from .resolver import Resolver
@@ -85,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="close a connection whose one direction has ended and on "
                              "which no bytes moved for this long (default: 60)")
+    parser.add_argument("--no-splice", dest="splice", action="store_false",
+                        help="copy bytes through Python instead of the zero-copy "
+                             "splice(2) path (used by default on Linux with Python 3.10+)")
     parser.add_argument("--user", metavar="NAME",
                         help="drop root privileges to this user after binding")
     parser.add_argument("--group", metavar="NAME",
@@ -170,8 +174,10 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
            identity: Optional[tuple[int, int]]) -> int:
     loop = EventLoop()
     resolver = Resolver(loop.call_soon_threadsafe)
+    splice = args.splice and splice_available()
     server = Server(config, loop, resolver, listen_host=args.listen_host,
-                    half_open_timeout_s=args.half_open_timeout)
+                    half_open_timeout_s=args.half_open_timeout, splice=splice)
+    log.info("relaying with %s", "splice (zero-copy)" if splice else "recv_into/send (copy)")
     reloader = Reloader(loop, server, source)
     admin: Optional[AdminServer] = None
 

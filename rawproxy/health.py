@@ -88,6 +88,20 @@ class _Check:
         self._timer = None
         self._finish(False, "timeout")
 
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> None:
+        """Abandon the check without a verdict, closing its socket."""
+        if self._done:
+            return
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._drop_socket()
+
     def _drop_socket(self) -> None:
         if self._sock is not None:
             self._loop.unwatch(self._fd)
@@ -120,6 +134,7 @@ class HealthChecks:
         self._loop = loop
         self._resolver = resolver
         self._timers: list[Timer] = []
+        self._checks: list[_Check] = []  # in flight, so stop() can close their sockets
 
     def start(self, router: Router) -> None:
         """Check ``router``'s apps from now on (replacing any earlier router)."""
@@ -131,8 +146,11 @@ class HealthChecks:
     def _run(self, route: Route) -> None:
         check = route.app.health_check
         assert check is not None
+        self._checks = [c for c in self._checks if not c.done]
         for target in route.balancer.targets:
-            _Check(self._loop, self._resolver, route, target, check.timeout_s).start()
+            attempt = _Check(self._loop, self._resolver, route, target, check.timeout_s)
+            self._checks.append(attempt)
+            attempt.start()
         self._timers = [t for t in self._timers if not t.cancelled]
         self._timers.append(self._loop.call_later(check.interval_s, lambda: self._run(route)))
 
@@ -140,3 +158,6 @@ class HealthChecks:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        for attempt in self._checks:
+            attempt.cancel()
+        self._checks.clear()

@@ -45,13 +45,13 @@ def lookup_identity(user: Optional[str], group: Optional[str]) -> Optional[tuple
     if user is not None:
         try:
             entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):  # a digit int() refuses, an id past uid_t
             raise PrivilegeError(f"--user: no such user {user!r}") from None
         uid, gid = entry.pw_uid, entry.pw_gid
     if group is not None:
         try:
             gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
-        except KeyError:
+        except (KeyError, ValueError, OverflowError):
             raise PrivilegeError(f"--group: no such group {group!r}") from None
     if os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
         raise PrivilegeError("--user/--group need the proxy to start as root")

@@ -51,6 +51,9 @@ class BufferPool:
     def free_count(self) -> int:
         return len(self._free)
 
+    def new_buffer(self) -> RingBuffer:
+        return RingBuffer(self)
+
 
 class RingBuffer:
     """Bytes in flight in one direction of one connection.

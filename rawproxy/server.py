@@ -31,7 +31,7 @@ import logging
 import os
 import random
 import socket
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from . import netio
 from .config import App, Config
@@ -41,7 +41,8 @@ from .metrics import Snapshot, TargetView
 from .resolver import Resolver
 from .ringbuf import BufferPool
 from .router import Route, Router
-from .session import Session, SessionContext
+from .pipes import PipePool
+from .session import CopySession, Session, SessionContext, SpliceSession
 from .stats import Stats
 
 log = logging.getLogger("rawproxy.server")
@@ -80,7 +81,7 @@ class Server:
                  listen_host: str = "0.0.0.0", rng: Optional[random.Random] = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, backlog: int = 1024,
                  accept_batch: int = 64, stats: Optional[Stats] = None,
-                 half_open_timeout_s: float = 60.0) -> None:
+                 half_open_timeout_s: float = 60.0, splice: bool = False) -> None:
         self.config = config
         self.loop = loop
         self.listen_host = listen_host
@@ -92,10 +93,12 @@ class Server:
         self._backlog = backlog
         self._accept_batch = accept_batch
         self._ctx = SessionContext(loop, resolver, BufferPool(buffer_bytes),
-                                   self._on_session_closed, half_open_timeout_s)
+                                   self._on_session_closed, half_open_timeout_s,
+                                   PipePool(buffer_bytes) if splice else None)
+        self._session_class: type[Session[Any]] = SpliceSession if splice else CopySession
         self._reserve_fd = -1
         self.listeners: dict[int, Listener] = {}
-        self.sessions: set[Session] = set()
+        self.sessions: set[Session[Any]] = set()
         # Keyed by app name, and kept for apps a reload removed while
         # their sessions are still open.
         self.active_by_app: dict[str, int] = {app.name: 0 for app in config.apps}
@@ -257,14 +260,14 @@ class Server:
             return
         client.setblocking(False)
         netio.set_nodelay(client)
-        session = Session(self._ctx, route, client, client_addr, listener.port)
+        session = self._session_class(self._ctx, route, client, client_addr, listener.port)
         self.sessions.add(session)
         self.active_by_app[app.name] = self.active_by_app.get(app.name, 0) + 1
         if app.max_connections is not None and self.active_by_app[app.name] >= app.max_connections:
             self._refresh_listeners(app.name)
         session.start()
 
-    def _on_session_closed(self, session: Session) -> None:
+    def _on_session_closed(self, session: Session[Any]) -> None:
         self.sessions.discard(session)
         app = session.route.app
         self.active_by_app[app.name] -= 1
@@ -372,6 +375,8 @@ class Server:
         if self._reserve_fd >= 0:
             os.close(self._reserve_fd)
             self._reserve_fd = -1
+        if self._ctx.pipes is not None:
+            self._ctx.pipes.close()
         self.close_sessions("shutdown")
 
 

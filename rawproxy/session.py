@@ -25,17 +25,21 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from typing import Callable, Optional
+import os
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 from . import netio, proxyproto
 from .config import Target
 from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
-from .relay import Flow, Relay
+from .pipes import SPLICE_FLAGS, PipeBuffer, PipePool
+from .relay import Flow, FlowBuffer, Relay
 from .resolver import Address, Resolution, Resolver
-from .ringbuf import BufferPool
+from .ringbuf import BufferPool, RingBuffer
 from .router import Route
 
 log = logging.getLogger("rawproxy.session")
+
+B = TypeVar("B", bound=FlowBuffer)
 
 
 class State(enum.Enum):
@@ -47,14 +51,16 @@ class State(enum.Enum):
 class SessionContext:
     """What every session of a server shares (one object, not globals)."""
 
-    __slots__ = ("loop", "resolver", "pool", "on_closed", "half_open_timeout_s")
+    __slots__ = ("loop", "resolver", "pool", "pipes", "on_closed", "half_open_timeout_s")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
-                 on_closed: Callable[[Session], None],
-                 half_open_timeout_s: float = 60.0) -> None:
+                 on_closed: Callable[[Session[Any]], None],
+                 half_open_timeout_s: float = 60.0,
+                 pipes: Optional[PipePool] = None) -> None:
         self.loop = loop
         self.resolver = resolver
         self.pool = pool
+        self.pipes = pipes  # set when relaying with splice
         self.on_closed = on_closed
         # HAProxy's client-fin/server-fin: once one direction has ended, a
         # connection with no bytes moving is closed after this long, so a
@@ -62,7 +68,9 @@ class SessionContext:
         self.half_open_timeout_s = half_open_timeout_s
 
 
-class Session:
+class Session(Generic[B]):
+    """The connection logic; subclasses move the bytes (copy or splice)."""
+
     __slots__ = (
         "_ctx", "route", "client", "client_addr", "listen_port", "state",
         "target", "_target_sock", "_tried", "_addresses", "_last_error",
@@ -87,7 +95,7 @@ class Session:
         self._last_error = ""
         self._connect_timer: Optional[Timer] = None
         self._idle_timer: Optional[Timer] = None
-        self.relay: Optional[Relay] = None
+        self.relay: Optional[Relay[B]] = None
         self.started_at = ctx.loop.now
         self.last_active = ctx.loop.now
         self._attempt_started = 0.0
@@ -199,7 +207,7 @@ class Session:
         target_stats.latency.observe(loop.time() - self._attempt_started)
         netio.set_nodelay(target_sock)
         self.state = State.RELAYING
-        self.relay = relay = Relay(self._ctx.pool)
+        self.relay = relay = self._new_relay()
         version = self.route.app.proxy_protocol
         if version is not None:
             # Before any client byte: the target reads the real client first.
@@ -208,13 +216,16 @@ class Session:
             except OSError as exc:
                 self.close("reset", reset=True, detail=exc.strerror or str(exc))
                 return
-            relay.upstream.ring.append(proxyproto.header(version, peer, local))
+            relay.upstream.buffer.append(proxyproto.header(version, peer, local))
         loop.watch(self._client_fd, self._on_client_events)
         self.last_active = loop.now
         self._arm_inactivity_timer()
         self._update_interest()
 
     # -- relaying -------------------------------------------------------------
+
+    def _new_relay(self) -> Relay[B]:
+        raise NotImplementedError
 
     def _on_client_events(self, events: int) -> None:
         relay = self.relay
@@ -233,7 +244,7 @@ class Session:
         self._pump(events, target, self.client, relay.downstream, relay.upstream)
 
     def _pump(self, events: int, sock: socket.socket, other: socket.socket,
-              inbound: Flow, outbound: Flow) -> None:
+              inbound: Flow[B], outbound: Flow[B]) -> None:
         """``sock`` is ready: send ``outbound`` to it and/or read ``inbound`` from it."""
         try:
             if events & EVENT_WRITE:
@@ -263,31 +274,13 @@ class Session:
         else:
             self._update_interest()
 
-    def _receive(self, flow: Flow, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            nbytes = src.recv_into(flow.ring.writable())
-        except netio.WOULD_BLOCK:
-            flow.ring.commit(0)
-            return
-        except OSError:
-            flow.ring.commit(0)
-            raise
-        flow.on_received(nbytes)
-        self.last_active = self._ctx.loop.now
-        self._send(flow, dst)
+    def _receive(self, flow: Flow[B], src: socket.socket, dst: socket.socket) -> None:
+        raise NotImplementedError
 
-    def _send(self, flow: Flow, dst: socket.socket) -> None:
-        ring = flow.ring
-        while len(ring):
-            view = ring.readable()
-            try:
-                sent = dst.send(view)
-            except netio.WOULD_BLOCK:
-                break
-            flow.on_sent(sent)
-            self.last_active = self._ctx.loop.now
-            if sent < len(view):
-                break
+    def _send(self, flow: Flow[B], dst: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _after_source_ended(self, flow: Flow[B], dst: socket.socket) -> None:
         if flow.should_shutdown_write():
             netio.shutdown_write(dst)
             flow.on_shutdown_write()
@@ -367,3 +360,92 @@ class Session:
         if self.relay is not None:
             self.relay.close()
         self._ctx.on_closed(self)
+
+
+class CopySession(Session[RingBuffer]):
+    """Bytes pass through Python: ``recv_into`` a ring, ``send`` from it."""
+
+    __slots__ = ()
+
+    def _new_relay(self) -> Relay[RingBuffer]:
+        return Relay(self._ctx.pool)
+
+    def _receive(self, flow: Flow[RingBuffer], src: socket.socket, dst: socket.socket) -> None:
+        ring = flow.buffer
+        try:
+            nbytes = src.recv_into(ring.writable())
+        except netio.WOULD_BLOCK:
+            ring.commit(0)
+            return
+        except OSError:
+            ring.commit(0)
+            raise
+        flow.on_received(nbytes)
+        self.last_active = self._ctx.loop.now
+        self._send(flow, dst)
+
+    def _send(self, flow: Flow[RingBuffer], dst: socket.socket) -> None:
+        ring = flow.buffer
+        while len(ring):
+            view = ring.readable()
+            try:
+                sent = dst.send(view)
+            except netio.WOULD_BLOCK:
+                break
+            flow.on_sent(sent)
+            self.last_active = self._ctx.loop.now
+            if sent < len(view):
+                break
+        if flow.src_eof:
+            self._after_source_ended(flow, dst)
+
+
+class SpliceSession(Session[PipeBuffer]):
+    """Zero-copy: ``splice`` socket -> pipe -> socket, bytes never enter Python."""
+
+    __slots__ = ()
+
+    def _new_relay(self) -> Relay[PipeBuffer]:
+        pipes = self._ctx.pipes
+        assert pipes is not None
+        return Relay(pipes)
+
+    def _receive(self, flow: Flow[PipeBuffer], src: socket.socket, dst: socket.socket) -> None:
+        pipe = flow.buffer
+        try:
+            _, write_end = pipe.pipe()
+        except OSError as exc:
+            # No descriptors for a pipe: this connection cannot go on, the
+            # proxy can (accept pauses on the same shortage).
+            raise netio.PeerGone(f"no pipe: {exc.strerror or exc}") from exc
+        try:
+            nbytes = os.splice(  # novermin: only used where splice_available()
+                src.fileno(), write_end, pipe.free, flags=SPLICE_FLAGS)
+        except netio.WOULD_BLOCK:
+            if len(pipe):
+                pipe.mark_full()  # the pipe's slots are full, not the socket empty
+            else:
+                pipe.commit(0)
+            return
+        except OSError:
+            pipe.commit(0)
+            raise
+        flow.on_received(nbytes)
+        self.last_active = self._ctx.loop.now
+        self._send(flow, dst)
+
+    def _send(self, flow: Flow[PipeBuffer], dst: socket.socket) -> None:
+        pipe = flow.buffer
+        while len(pipe):
+            held = len(pipe)
+            try:
+                sent = os.splice(  # novermin: only used where splice_available()
+                    pipe.pipe()[0], dst.fileno(), held, flags=SPLICE_FLAGS)
+            except netio.WOULD_BLOCK:
+                break
+            flow.on_sent(sent)
+            self.last_active = self._ctx.loop.now
+            if sent < held:
+                break
+        if flow.src_eof:
+            self._after_source_ended(flow, dst)

@@ -279,6 +279,7 @@ class ProxyFactory:
         self._tmp_path = tmp_path
         self._started: list[ProxyProcess] = []
         self._count = 0
+        self.default_args: list[str] = []  # added to every proxy this factory starts
 
     def start(self, apps: list[dict[str, Any]], *extra: str,
               wrapper: Sequence[str] = ()) -> tuple[ProxyProcess, dict[str, list[int]]]:
@@ -286,8 +287,8 @@ class ProxyFactory:
             self._count += 1
             path = self._tmp_path / f"config-{self._count}.json"
             ports = write_config(path, apps)
-            proxy = ProxyProcess(proxy_argv(path, "--log-level", "debug", *extra,
-                                            wrapper=wrapper), path)
+            proxy = ProxyProcess(proxy_argv(path, "--log-level", "debug", *self.default_args,
+                                            *extra, wrapper=wrapper), path)
             self._started.append(proxy)
             if proxy.wait_ready():
                 return proxy, ports

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -139,3 +140,13 @@ def test_second_signal_exits_at_once(proxies: ProxyFactory) -> None:
     finally:
         listener.close()
 
+
+
+def test_relay_path_is_chosen_and_logged(proxies: ProxyFactory) -> None:
+    from rawproxy.pipes import splice_available
+    proxy, _ = proxies.start([{"Name": "a", "Ports": 1, "Targets": ["127.0.0.1:9"]}])
+    expected = "splice (zero-copy)" if splice_available() else "recv_into/send (copy)"
+    proxy.wait_for_line(f"relaying with {re.escape(expected)}")
+    copying, _ = proxies.start([{"Name": "a", "Ports": 1, "Targets": ["127.0.0.1:9"]}],
+                               "--no-splice")
+    copying.wait_for_line(r"relaying with recv_into/send \(copy\)")

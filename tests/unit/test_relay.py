@@ -14,28 +14,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rawproxy.relay import WANT_READ, WANT_WRITE, Flow, Relay
-from rawproxy.ringbuf import BufferPool
+from rawproxy.ringbuf import BufferPool, RingBuffer
 
 HYPOTHESIS = settings(max_examples=200, deadline=None, derandomize=True)
 READ_WRITE = WANT_READ | WANT_WRITE
 
 
-def receive(flow: Flow, data: bytes) -> int:
-    """``recv_into(flow.ring.writable())`` returning up to ``len(data)`` bytes."""
-    region = flow.ring.writable()
+def receive(flow: Flow[RingBuffer], data: bytes) -> int:
+    """``recv_into(flow.buffer.writable())`` returning up to ``len(data)`` bytes."""
+    region = flow.buffer.writable()
     count = min(len(region), len(data))
     region[:count] = data[:count]
     flow.on_received(count)
     return count
 
 
-def receive_fin(flow: Flow) -> None:
-    flow.ring.writable()
+def receive_fin(flow: Flow[RingBuffer]) -> None:
+    flow.buffer.writable()
     flow.on_received(0)
 
 
-def send(flow: Flow, max_bytes: int) -> bytes:
-    region = flow.ring.readable()
+def send(flow: Flow[RingBuffer], max_bytes: int) -> bytes:
+    region = flow.buffer.readable()
     out = bytes(region[:max_bytes])
     flow.on_sent(len(out))
     return out
@@ -106,7 +106,7 @@ def test_fin_on_empty_ring_shuts_down_at_once_and_frees_storage() -> None:
     flow = Flow(pool)
     receive_fin(flow)
     assert flow.should_shutdown_write()
-    assert not flow.ring.holds_storage
+    assert not flow.buffer.holds_storage
     assert pool.free_count == 1
 
 
@@ -115,7 +115,7 @@ def test_flow_close_gives_storage_back() -> None:
     flow = Flow(pool)
     receive(flow, b"abc")
     flow.close()
-    assert not flow.ring.holds_storage
+    assert not flow.buffer.holds_storage
     assert pool.free_count == 1
 
 
@@ -231,9 +231,9 @@ def test_random_interleavings_are_bounded_and_in_order(
             receive_fin(flow)
         elif op == "send" and flow.wants_write():
             delivered[name] += send(flow, size)
-        assert len(flow.ring) <= capacity
+        assert len(flow.buffer) <= capacity
         assert relay.bytes_buffered() <= 2 * capacity
-        assert flow.wants_read() == (not flow.src_eof and len(flow.ring) < capacity)
+        assert flow.wants_read() == (not flow.src_eof and len(flow.buffer) < capacity)
         if flow.should_shutdown_write():
             flow.on_shutdown_write()
             assert not flow.should_shutdown_write()
@@ -248,7 +248,7 @@ def test_random_interleavings_are_bounded_and_in_order(
             flow.on_shutdown_write()
         assert delivered[name] == produced[name]
         assert flow.bytes_sent == len(produced[name])
-        assert not flow.ring.holds_storage
+        assert not flow.buffer.holds_storage
     assert relay.is_done()
     assert relay.client_mask() == relay.target_mask() == 0
     assert pool.free_count <= 2

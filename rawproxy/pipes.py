@@ -1,0 +1,173 @@
+"""Zero-copy buffers: a kernel pipe in place of a ring, for ``os.splice``.
+
+On Linux with Python 3.10+, bytes can move socket -> pipe -> socket with
+``splice(2)`` and never be copied into Python objects.  A
+:class:`PipeBuffer` has the same face as :class:`~rawproxy.ringbuf.RingBuffer`
+toward :class:`~rawproxy.relay.Flow` (``len``, ``is_full``, ``commit``,
+``advance``), so the relay's rules -- backpressure at ``capacity`` bytes,
+half-close once drained -- are the same code on both paths; only the I/O
+calls in ``session`` differ.
+
+* A pipe is borrowed from a :class:`PipePool` only while it holds bytes and
+  handed back as soon as it is empty, so idle connections hold no pipe (and
+  no descriptors).  A pipe closed while holding bytes is destroyed, never
+  pooled, so stale bytes cannot leak into another connection.
+* The pipe is sized with ``F_SETPIPE_SZ`` to the relay's buffer size.  A
+  pipe counts pages, not bytes: small socket segments can fill its slots
+  before ``capacity`` bytes are in it, and splice then answers EAGAIN.  The
+  session calls :meth:`PipeBuffer.mark_full` then, so the flow stops asking
+  to read (instead of waking on a readable socket it cannot drain) until
+  the pipe has been drained a little.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import sys
+from typing import Optional
+
+# fcntl.F_SETPIPE_SZ is 3.10+; the Linux value has been 1031 since 2.6.35.
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+def splice_available() -> bool:
+    return sys.platform.startswith("linux") and hasattr(os, "splice")
+
+
+Pipe = tuple[int, int]  # (read end, write end)
+
+
+class PipePool:
+    __slots__ = ("capacity", "max_free", "_free")
+
+    def __init__(self, capacity: int, max_free: int = 32) -> None:
+        self.capacity = capacity
+        self.max_free = max_free
+        self._free: list[Pipe] = []
+
+    def take(self) -> Pipe:
+        """A non-blocking pipe (raises OSError, e.g. EMFILE)."""
+        if self._free:
+            return self._free.pop()
+        read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.capacity)
+        except OSError as exc:
+            # EPERM above /proc/sys/fs/pipe-max-size or the per-user quota:
+            # the default size (64 KiB) still works, only less per splice.
+            if exc.errno not in (errno.EPERM, errno.EINVAL, errno.EBUSY):
+                raise
+        return read_end, write_end
+
+    def give_back(self, pipe: Pipe) -> None:
+        if len(self._free) < self.max_free:
+            self._free.append(pipe)
+        else:
+            close_pipe(pipe)
+
+    def close(self) -> None:
+        for pipe in self._free:
+            close_pipe(pipe)
+        self._free.clear()
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    def new_buffer(self) -> PipeBuffer:
+        return PipeBuffer(self)
+
+
+def close_pipe(pipe: Pipe) -> None:
+    for fd in pipe:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class PipeBuffer:
+    """Bytes in flight in one direction, held by the kernel in a pipe."""
+
+    __slots__ = ("_pool", "capacity", "_size", "_pipe", "_full")
+
+    def __init__(self, pool: PipePool) -> None:
+        self._pool = pool
+        self.capacity = pool.capacity
+        self._size = 0
+        self._pipe: Optional[Pipe] = None
+        self._full = False
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self._size
+
+    def is_full(self) -> bool:
+        return self._full or self._size >= self.capacity
+
+    def is_empty(self) -> bool:
+        return self._size == 0
+
+    @property
+    def holds_storage(self) -> bool:
+        return self._pipe is not None
+
+    def pipe(self) -> Pipe:
+        pipe = self._pipe
+        if pipe is None:
+            pipe = self._pipe = self._pool.take()
+        return pipe
+
+    def mark_full(self) -> None:
+        """splice into the pipe said EAGAIN although bytes fit by count."""
+        self._full = True
+
+    def commit(self, nbytes: int) -> None:
+        if nbytes < 0 or nbytes > self.capacity - self._size:
+            raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
+        self._size += nbytes
+        if self._size == 0:
+            self._release()
+
+    def advance(self, nbytes: int) -> None:
+        if nbytes < 0 or nbytes > self._size:
+            raise ValueError(f"advance({nbytes}) with {self._size} bytes held")
+        self._size -= nbytes
+        if nbytes:
+            self._full = False
+        if self._size == 0:
+            self._release()
+
+    def append(self, data: bytes) -> None:
+        """Write bytes the proxy makes itself (a PROXY header) into the pipe."""
+        if len(data) > self.free:
+            raise ValueError(f"append of {len(data)} bytes with {self.free} free")
+        _, write_end = self.pipe()
+        view = memoryview(data)
+        while view:
+            written = os.write(write_end, view)  # an empty pipe takes a header whole
+            self._size += written
+            view = view[written:]
+
+    def _release(self) -> None:
+        self._size = 0
+        self._full = False
+        if self._pipe is not None:
+            self._pool.give_back(self._pipe)
+            self._pipe = None
+
+    def close(self) -> None:
+        if self._pipe is not None:
+            if self._size:
+                close_pipe(self._pipe)  # stale bytes: never pool this one
+            else:
+                self._pool.give_back(self._pipe)
+            self._pipe = None
+        self._size = 0
+        self._full = False

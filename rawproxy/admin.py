@@ -40,13 +40,14 @@ Response = tuple[int, str, bytes]  # status, content type, body
 
 
 class AdminHandlers:
-    """What the endpoints answer; the server supplies the three views."""
+    """What the endpoints answer; the server (or the supervisor of several
+    workers) supplies the three views."""
 
     def __init__(self, is_draining: Callable[[], bool],
-                 metrics_snapshot: Callable[[], metrics.Snapshot],
+                 metrics_text: Callable[[], str],
                  config_view: Callable[[], object]) -> None:
         self._is_draining = is_draining
-        self._metrics_snapshot = metrics_snapshot
+        self._metrics_text = metrics_text
         self._config_view = config_view
 
     def respond(self, method: str, path: str) -> Response:
@@ -60,7 +61,7 @@ class AdminHandlers:
                 return 503, "text/plain", b"draining\n"
             return 200, "text/plain", b"ok\n"
         if path == "/metrics":
-            body = metrics.render(self._metrics_snapshot()).encode()
+            body = self._metrics_text().encode()
             return 200, metrics.CONTENT_TYPE, body
         body = (json.dumps(self._config_view(), indent=2) + "\n").encode()
         return 200, "application/json", body
@@ -79,9 +80,10 @@ def parse_request_head(head: bytes) -> Optional[tuple[str, str]]:
 
 
 def format_response(status: int, content_type: str, body: bytes, head_only: bool) -> bytes:
+    allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode("ascii")
+            f"{allow}Connection: close\r\n\r\n").encode("ascii")
     return head if head_only else head + body
 
 
@@ -203,6 +205,13 @@ class AdminServer:
             self.connections.add(conn)
             self.loop.watch(conn.fd, conn.on_events)
             self.loop.set_interest(conn.fd, EVENT_READ)
+
+    def close_after_fork(self) -> None:
+        """In a forked child: close the descriptors, leave the parent's loop alone."""
+        for conn in self.connections:
+            netio.close(conn.sock)
+        if self._sock is not None:
+            netio.close(self._sock)
 
     def close(self) -> None:
         for conn in list(self.connections):

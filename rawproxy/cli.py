@@ -13,10 +13,11 @@ import datetime
 import json
 import logging
 import signal
+import socket
 import sys
 from typing import NoReturn, Optional, Sequence
 
-from . import __version__
+from . import __version__, metrics
 from .admin import AdminHandlers, AdminServer
 from .config import Config, ConfigError, FileConfigSource, format_summary
 from .loop import EventLoop
@@ -25,6 +26,7 @@ from .privileges import PrivilegeError, drop_privileges, lookup_identity, raise_
 from .reloader import Reloader
 from .resolver import Resolver
 from .server import BindError, Server
+from .supervisor import Supervisor, WorkerControl
 
 PROG = "rawproxy"
 EXIT_OK = 0
@@ -48,6 +50,12 @@ def _positive_seconds(text: str) -> float:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
     return value
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 256:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of workers (1-256)")
+    return int(text)
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -86,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="SECONDS",
                         help="close a connection whose one direction has ended and on "
                              "which no bytes moved for this long (default: 60)")
+    parser.add_argument("--workers", type=_worker_count, default=1, metavar="N",
+                        help="run N proxy processes sharing the ports (SO_REUSEPORT), "
+                             "one event loop each, under a supervisor that restarts them "
+                             "(default: 1, a single process)")
     parser.add_argument("--no-splice", dest="splice", action="store_false",
                         help="copy bytes through Python instead of the zero-copy "
                              "splice(2) path (used by default on Linux with Python 3.10+)")
@@ -167,19 +179,28 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     _configure_logging(args.log_level, args.log_format)
     log.info("rawproxy %s, file descriptor limit %d", __version__, raise_fd_limit())
+    if args.workers > 1:
+        def worker_main(index: int, control: socket.socket) -> int:
+            return _serve(args, source, config, identity, (index, control))
+
+        return Supervisor(args.workers, worker_main, args.admin).run()
     return _serve(args, source, config, identity)
 
 
 def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
-           identity: Optional[tuple[int, int]]) -> int:
+           identity: Optional[tuple[int, int]],
+           worker: Optional[tuple[int, socket.socket]] = None) -> int:
+    """Run one proxy process; ``worker`` is (index, control socket) under --workers."""
     loop = EventLoop()
     resolver = Resolver(loop.call_soon_threadsafe)
     splice = args.splice and splice_available()
     server = Server(config, loop, resolver, listen_host=args.listen_host,
-                    half_open_timeout_s=args.half_open_timeout, splice=splice)
+                    half_open_timeout_s=args.half_open_timeout, splice=splice,
+                    reuse_port=worker is not None)
     log.info("relaying with %s", "splice (zero-copy)" if splice else "recv_into/send (copy)")
     reloader = Reloader(loop, server, source)
     admin: Optional[AdminServer] = None
+    control: Optional[WorkerControl] = None
 
     def on_stop_signal() -> None:
         if server.draining:
@@ -196,8 +217,15 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
         loop.add_signal_handler(signal.SIGTERM, on_stop_signal)
         loop.add_signal_handler(signal.SIGINT, on_stop_signal)
         loop.add_signal_handler(signal.SIGHUP, on_reload_signal)
-        if args.admin is not None:
-            handlers = AdminHandlers(lambda: server.draining, server.metrics_snapshot,
+        if worker is not None:
+            labels = (("worker", str(worker[0])),)
+            control = WorkerControl(
+                loop, worker[1], worker[0],
+                lambda: metrics.render(server.metrics_snapshot(), labels),
+                server.config_view, lambda: server.drain(args.drain_timeout))
+        elif args.admin is not None:
+            handlers = AdminHandlers(lambda: server.draining,
+                                     lambda: metrics.render(server.metrics_snapshot()),
                                      server.config_view)
             admin = AdminServer(loop, handlers, *args.admin)
             try:
@@ -220,10 +248,14 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
             log.info("running as uid %d, gid %d", *identity)
         if args.watch:
             reloader.watch()
+        if control is not None:
+            control.announce_ready()
         loop.run()
         log.info("stopped")
         return EXIT_OK
     finally:
+        if control is not None:
+            control.close()
         if admin is not None:
             admin.close()
         server.close()

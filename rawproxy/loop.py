@@ -257,6 +257,19 @@ class EventLoop:
             except Exception:
                 log.exception("unhandled error in callback %r", callback)
 
+    def close_after_fork(self) -> None:
+        """In a forked child: let go of this (the parent's) loop.
+
+        The epoll instance is shared with the parent across fork, so nothing
+        may be unregistered from it here -- that would silence the parent.
+        Only this process's descriptors are closed.
+        """
+        self._closed = True
+        self._restore_signals()
+        self._wake_recv.close()
+        self._wake_send.close()
+        self._selector.close()  # closes our epoll fd; no epoll_ctl on the shared set
+
     def close(self) -> None:
         if self._closed:
             return

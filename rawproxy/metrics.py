@@ -58,15 +58,16 @@ def _number(value: float) -> str:
 
 
 class _Writer:
-    def __init__(self) -> None:
+    def __init__(self, const_labels: tuple[tuple[str, str], ...] = ()) -> None:
         self.lines: list[str] = []
+        self._const = const_labels
 
     def family(self, name: str, kind: str, help_text: str) -> None:
         self.lines.append(f"# HELP {name} {help_text}")
         self.lines.append(f"# TYPE {name} {kind}")
 
     def sample(self, name: str, labels: Iterable[tuple[str, str]], value: float) -> None:
-        self.lines.append(f"{name}{_labels(labels)} {_number(value)}")
+        self.lines.append(f"{name}{_labels((*self._const, *labels))} {_number(value)}")
 
     def histogram(self, name: str, labels: tuple[tuple[str, str], ...], hist: Histogram) -> None:
         for bound, count in hist.cumulative():
@@ -75,8 +76,9 @@ class _Writer:
         self.sample(f"{name}_count", labels, hist.count)
 
 
-def render(snap: Snapshot) -> str:
-    out = _Writer()
+def render(snap: Snapshot, const_labels: tuple[tuple[str, str], ...] = ()) -> str:
+    """The exposition; ``const_labels`` (e.g. ``worker``) go on every sample."""
+    out = _Writer(const_labels)
     apps = sorted(snap.stats.apps.items())
     per_app = (
         ("connections_accepted_total", "counter", "Client connections accepted.",

@@ -80,14 +80,20 @@ def is_peer_gone(exc: OSError) -> bool:
     return exc.errno in _PEER_GONE_ERRNOS
 
 
-def open_listener(host: str, port: int, backlog: int) -> socket.socket:
-    """A bound, listening, non-blocking socket (raises OSError)."""
+def open_listener(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening, non-blocking socket (raises OSError).
+
+    ``reuse_port`` (SO_REUSEPORT) lets the workers of ``--workers`` each bind
+    the same port; the kernel then spreads new connections over them.
+    """
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE | socket.AI_NUMERICHOST)
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host in ("::", "::0"):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)

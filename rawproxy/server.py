@@ -81,7 +81,8 @@ class Server:
                  listen_host: str = "0.0.0.0", rng: Optional[random.Random] = None,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, backlog: int = 1024,
                  accept_batch: int = 64, stats: Optional[Stats] = None,
-                 half_open_timeout_s: float = 60.0, splice: bool = False) -> None:
+                 half_open_timeout_s: float = 60.0, splice: bool = False,
+                 reuse_port: bool = False) -> None:
         self.config = config
         self.loop = loop
         self.listen_host = listen_host
@@ -91,6 +92,7 @@ class Server:
         self._health = HealthChecks(loop, resolver)
         self.router = Router(config, self._rng, stats=self.stats)
         self._backlog = backlog
+        self._reuse_port = reuse_port
         self._accept_batch = accept_batch
         self._ctx = SessionContext(loop, resolver, BufferPool(buffer_bytes),
                                    self._on_session_closed, half_open_timeout_s,
@@ -133,7 +135,8 @@ class Server:
     def _bind(self, port: int, route: Route) -> Listener:
         address = netio.format_sockaddr((self.listen_host, port))
         try:
-            sock = netio.open_listener(self.listen_host, port, self._backlog)
+            sock = netio.open_listener(self.listen_host, port, self._backlog,
+                                       self._reuse_port)
         except (OSError, UnicodeError) as exc:
             reason = getattr(exc, "strerror", None) or str(exc)
             raise BindError(address, port, route.app.name, reason) from exc

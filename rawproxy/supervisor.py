@@ -1,0 +1,342 @@
+"""``--workers N``: N proxy processes, one event loop each, one supervisor.
+
+Each worker is an ordinary single-process proxy whose listeners set
+``SO_REUSEPORT``, so the kernel spreads new connections over the workers and
+each core runs its own loop (the GIL makes threads useless for this).  The
+supervisor (the process the operator started) serves no traffic:
+
+* it starts worker 0 and waits until it is listening before starting the
+  others, so a port that cannot be bound is reported once (exit 1);
+* it forwards SIGHUP (reload) and SIGTERM/SIGINT (drain; a second one: exit
+  at once) to every worker, and exits 0 once all have exited;
+* it restarts a worker that dies unexpectedly, after a pause that doubles
+  while restarts keep failing fast (1 s .. 30 s);
+* it serves ``--admin`` itself: ``/metrics`` asks every worker for its
+  exposition (labelled ``worker="N"``) over a control socketpair and merges
+  the families, ``/config`` lists every worker's view.
+
+Control protocol, on a socketpair per worker: the supervisor writes one
+request line (``metrics`` or ``config``); the worker answers with a frame, a
+4-byte big-endian length then UTF-8 text.  A worker announces itself with a
+``ready`` frame once its listeners are bound.  A worker whose control socket
+reaches EOF (the supervisor died) drains and exits, so no worker outlives
+its supervisor for long.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from typing import Callable, Optional
+
+from . import netio
+from .admin import AdminHandlers, AdminServer
+from .loop import EVENT_READ, EventLoop
+
+log = logging.getLogger("rawproxy.supervisor")
+
+CONTROL_TIMEOUT_S = 2.0
+READY_TIMEOUT_S = 30.0
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 30.0
+
+# What a worker runs: (worker index, its end of the control socketpair) ->
+# exit status.  Given by the CLI, so this module never imports it.
+WorkerMain = Callable[[int, socket.socket], int]
+
+
+def write_frame(sock: socket.socket, text: str) -> None:
+    data = text.encode()
+    sock.sendall(struct.pack("!I", len(data)) + data)
+
+
+def read_frame(sock: socket.socket) -> str:
+    header = _read_exactly(sock, 4)
+    (length,) = struct.unpack("!I", header)
+    return _read_exactly(sock, length).decode()
+
+
+def _read_exactly(sock: socket.socket, nbytes: int) -> bytes:
+    chunks = []
+    while nbytes:
+        chunk = sock.recv(min(nbytes, 1 << 20))
+        if not chunk:
+            raise ConnectionError("control socket closed")
+        chunks.append(chunk)
+        nbytes -= len(chunk)
+    return b"".join(chunks)
+
+
+class WorkerControl:
+    """The worker's end: answers the supervisor from the worker's own loop."""
+
+    def __init__(self, loop: EventLoop, sock: socket.socket, index: int,
+                 metrics_text: Callable[[], str], config_view: Callable[[], object],
+                 on_orphaned: Callable[[], None]) -> None:
+        self._loop = loop
+        self._sock = sock
+        self.index = index
+        self._metrics_text = metrics_text
+        self._config_view = config_view
+        self._on_orphaned = on_orphaned
+        self._pending = b""
+        sock.settimeout(CONTROL_TIMEOUT_S)  # answers are small; never stall for long
+        loop.watch(sock.fileno(), self._on_readable)
+        loop.set_interest(sock.fileno(), EVENT_READ)
+
+    def announce_ready(self) -> None:
+        write_frame(self._sock, "ready")
+
+    def _on_readable(self, events: int) -> None:
+        try:
+            data = self._sock.recv(4096)
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            self._on_orphaned()
+            return
+        self._pending += data
+        while b"\n" in self._pending:
+            line, self._pending = self._pending.split(b"\n", 1)
+            request = line.decode(errors="replace").strip()
+            if request == "metrics":
+                answer = self._metrics_text()
+            elif request == "config":
+                answer = json.dumps(self._config_view())
+            else:
+                answer = ""
+            try:
+                write_frame(self._sock, answer)
+            except OSError:
+                pass  # the supervisor gave up waiting; it asks again next time
+
+    def close(self) -> None:
+        if self._loop.is_watched(self._sock.fileno()):
+            self._loop.unwatch(self._sock.fileno())
+        netio.close(self._sock)
+
+
+class _Worker:
+    __slots__ = ("index", "pid", "control", "started_at", "restart_delay_s")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.pid = 0
+        self.control: Optional[socket.socket] = None
+        self.started_at = 0.0
+        self.restart_delay_s = RESTART_MIN_S
+
+
+class Supervisor:
+    def __init__(self, count: int, worker_main: WorkerMain,
+                 admin_address: Optional[tuple[str, int]] = None) -> None:
+        self._worker_main = worker_main
+        self._workers = [_Worker(index) for index in range(count)]
+        self._admin_address = admin_address
+        self._loop: Optional[EventLoop] = None
+        self._admin: Optional[AdminServer] = None
+        self._stopping = False
+
+    # -- starting workers -------------------------------------------------------
+
+    def _spawn(self, worker: _Worker) -> None:
+        parent_end, child_end = socket.socketpair()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            parent_end.close()
+            code = 1
+            try:
+                self._forget_parent_state()
+                code = self._worker_main(worker.index, child_end)
+            except BaseException:
+                log.exception("worker %d crashed", worker.index)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        child_end.close()
+        worker.pid = pid
+        worker.control = parent_end
+        worker.started_at = time.monotonic()
+        log.info("worker %d started (pid %d)", worker.index, pid)
+
+    def _forget_parent_state(self) -> None:
+        """In a new worker: drop the supervisor's loop, admin and other pipes."""
+        if self._admin is not None:
+            self._admin.close_after_fork()
+        if self._loop is not None:
+            self._loop.close_after_fork()
+        for other in self._workers:
+            if other.control is not None:
+                other.control.close()
+
+    def _wait_ready(self, worker: _Worker) -> Optional[int]:
+        """None when the worker is listening, else the status it exited with."""
+        assert worker.control is not None
+        worker.control.settimeout(READY_TIMEOUT_S)
+        try:
+            if read_frame(worker.control) == "ready":
+                return None
+        except (OSError, ConnectionError):
+            pass
+        _, status = os.waitpid(worker.pid, 0)
+        worker.pid = 0
+        return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+            else (status >> 8)
+
+    def run(self) -> int:
+        for worker in self._workers:
+            self._spawn(worker)
+            failed = self._wait_ready(worker)
+            if failed is not None:
+                self._signal_all(signal.SIGKILL)
+                self._reap_all_blocking()
+                return failed if failed > 0 else 1
+        return self._supervise()
+
+    # -- running ----------------------------------------------------------------
+
+    def _supervise(self) -> int:
+        loop = self._loop = EventLoop()
+        try:
+            loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
+            loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
+            loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
+            loop.add_signal_handler(signal.SIGCHLD, self._reap)
+            if self._admin_address is not None:
+                self._admin = AdminServer(loop, AdminHandlers(
+                    lambda: self._stopping, self.metrics_text, self.config_view),
+                    *self._admin_address)
+                self._admin.start()
+            log.info("supervising %d workers", len(self._workers))
+            self._reap()  # a worker may have died before SIGCHLD was handled
+            loop.run()
+        finally:
+            if self._admin is not None:
+                self._admin.close()
+            loop.close()
+        log.info("all workers exited")
+        return 0
+
+    def _on_stop_signal(self) -> None:
+        if self._stopping:
+            log.info("second stop signal: workers exit now")
+        self._stopping = True
+        self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, signum: int) -> None:
+        for worker in self._workers:
+            if worker.pid:
+                try:
+                    os.kill(worker.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            for worker in self._workers:
+                if worker.pid == pid:
+                    self._on_exit(worker, status)
+        if self._stopping and not any(w.pid for w in self._workers):
+            assert self._loop is not None
+            self._loop.stop()
+
+    def _on_exit(self, worker: _Worker, status: int) -> None:
+        worker.pid = 0
+        if worker.control is not None:
+            worker.control.close()
+            worker.control = None
+        if self._stopping:
+            return
+        assert self._loop is not None
+        if time.monotonic() - worker.started_at > RESTART_MAX_S:
+            worker.restart_delay_s = RESTART_MIN_S  # it ran a good while: no penalty
+        log.error("worker %d exited unexpectedly (status %d); restarting in %.0fs",
+                  worker.index, status, worker.restart_delay_s)
+        delay = worker.restart_delay_s
+        worker.restart_delay_s = min(RESTART_MAX_S, delay * 2)
+        self._loop.call_later(delay, lambda: self._restart(worker))
+
+    def _restart(self, worker: _Worker) -> None:
+        if self._stopping or worker.pid:
+            return
+        self._spawn(worker)
+        if self._wait_ready(worker) is not None:
+            self._on_exit(worker, 1)
+
+    def _reap_all_blocking(self) -> None:
+        for worker in self._workers:
+            if worker.pid:
+                try:
+                    os.waitpid(worker.pid, 0)
+                except ChildProcessError:
+                    pass
+                worker.pid = 0
+
+    # -- admin views --------------------------------------------------------------
+
+    def _ask(self, worker: _Worker, request: str) -> Optional[str]:
+        if not worker.pid or worker.control is None:
+            return None
+        try:
+            worker.control.settimeout(CONTROL_TIMEOUT_S)
+            worker.control.sendall(request.encode() + b"\n")
+            return read_frame(worker.control)
+        except (OSError, ConnectionError) as exc:
+            if getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
+                log.warning("worker %d did not answer %s: %s", worker.index, request, exc)
+            return None
+
+    def metrics_text(self) -> str:
+        texts = [text for text in (self._ask(w, "metrics") for w in self._workers) if text]
+        return merge_expositions(texts)
+
+    def config_view(self) -> object:
+        views = []
+        for worker in self._workers:
+            text = self._ask(worker, "config")
+            views.append(json.loads(text) if text else None)
+        return {"Workers": views, "Draining": self._stopping}
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """One exposition from several: each family's HELP/TYPE once, then the
+    samples of every input (they differ by their ``worker`` label)."""
+    order: list[str] = []
+    headers: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                family = line.split(" ", 3)[2]
+                if family not in headers:
+                    order.append(family)
+                    headers[family] = []
+                    samples[family] = []
+                if len(headers[family]) < 2 and line not in headers[family]:
+                    headers[family].append(line)
+            elif line and family:
+                samples[family].append(line)
+    lines: list[str] = []
+    for family in order:
+        lines.extend(headers[family])
+        lines.extend(samples[family])
+    return "\n".join(lines) + "\n" if lines else ""

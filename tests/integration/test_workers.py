@@ -1,0 +1,116 @@
+"""``--workers N``: processes sharing the ports under a supervisor."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, free_ports,
+                           recv_until_eof, wait_until)
+
+BackendFactory = Callable[..., Backend]
+
+
+def echo(port: int, payload: bytes = b"ping") -> bytes:
+    with connect(port) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        return recv_until_eof(sock)
+
+
+def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
+    pids: dict[int, int] = {}
+    for line in list(proxy.lines):
+        match = re.search(r"worker (\d+) started \(pid (\d+)\)", line)
+        if match:
+            pids[int(match.group(1))] = int(match.group(2))
+    return pids
+
+
+def get(port: int, path: str) -> str:
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_two_workers_share_the_ports_and_the_metrics(proxies: ProxyFactory,
+                                                     backend: BackendFactory) -> None:
+    (admin,) = free_ports(1)
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 2, "Targets": [backend().address]}],
+                                 "--workers", "2", "--admin", f"{HOST}:{admin}")
+    wait_until(lambda: len(worker_pids(proxy)) == 2)
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    for index in range(200):
+        assert echo(ports["a"][index % 2], b"%d" % index) == b"%d" % index
+    accepted: dict[str, float] = {}
+    for family in text_string_to_metric_families(get(admin, "/metrics")):
+        for sample in family.samples:
+            if sample.name == "rawproxy_connections_accepted_total":
+                accepted[sample.labels["worker"]] = sample.value
+    assert set(accepted) == {"0", "1"}
+    assert sum(accepted.values()) == 200
+    assert min(accepted.values()) > 0, f"one worker took every connection: {accepted}"
+    views = json.loads(get(admin, "/config"))["Workers"]
+    assert [view["Apps"][0]["Name"] for view in views] == ["a", "a"]
+
+
+def test_signals_reach_every_worker(proxies: ProxyFactory, backend: BackendFactory) -> None:
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [backend().address]}],
+                                 "--workers", "2")
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    proxy.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.count_lines("config reloaded") == 2,
+               message="both workers to reload")
+    assert echo(ports["a"][0]) == b"ping"
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait() == 0
+    assert proxy.count_lines(r"draining \d+ connections") == 2
+    for pid in worker_pids(proxy).values():
+        assert not os.path.exists(f"/proc/{pid}"), "a worker outlived the supervisor"
+
+
+def test_a_dead_worker_is_restarted(proxies: ProxyFactory, backend: BackendFactory) -> None:
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [backend().address]}],
+                                 "--workers", "2")
+    wait_until(lambda: len(worker_pids(proxy)) == 2)
+    victim = worker_pids(proxy)[0]
+    os.kill(victim, signal.SIGKILL)
+    proxy.wait_for_line(r"worker 0 exited unexpectedly")
+    wait_until(lambda: worker_pids(proxy)[0] != victim, message="worker 0 to be restarted")
+    for _ in range(20):
+        assert echo(ports["a"][0]) == b"ping"
+
+
+def test_workers_report_a_busy_port_once_and_exit_1(tmp_path: Path) -> None:
+    squatter = socket.socket()
+    squatter.bind((HOST, 0))
+    squatter.listen(1)
+    try:
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [squatter.getsockname()[1]],
+                                              "Targets": ["127.0.0.1:9"]}]}))
+        result = subprocess.run([sys.executable, "rawproxy.py", "--config", str(path),
+                                 "--listen-host", HOST, "--workers", "3",
+                                 "--log-level", "error"],
+                                cwd=str(Path(__file__).resolve().parents[2]),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        errors = [line for line in result.stderr.splitlines() if "rawproxy: error:" in line]
+        assert len(errors) == 1 and "Address already in use" in errors[0]
+    finally:
+        squatter.close()

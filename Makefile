@@ -47,6 +47,35 @@ SOAK_SECONDS ?= 60
 soak: $(STAMP)
 	$(VPY) -m tests.soak.soak --duration $(SOAK_SECONDS)
 
+## The benchmark (benchmarks/run.py): rawproxy against direct, HAProxy, nginx
+## stream, an asyncio and a uvloop proxy; proxies on CPU 0, load on CPU 1.
+## Installs the peers and load generators with apt where it can (root, apt
+## present), uvloop with pip where it can; whatever is missing is skipped
+## with a note.  BENCH_ARGS='--quick' for a smoke run; see --help.
+BENCH_APT  := haproxy nginx libnginx-mod-stream iperf3 redis-server redis-tools wrk
+BENCH_ARGS ?=
+bench: $(STAMP)
+	@if command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+		missing=""; for pkg in $(BENCH_APT); do \
+			dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "ok installed" \
+				|| missing="$$missing $$pkg"; done; \
+		if [ -n "$$missing" ]; then \
+			echo "apt-get install -y$$missing"; \
+			{ DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing \
+			  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; }; } \
+			  >/dev/null 2>&1 || echo "apt-get failed: peers without their program are skipped"; \
+		fi; \
+	fi
+	@$(VPY) -c 'import uvloop' 2>/dev/null \
+		|| $(VPY) -m pip install --quiet --disable-pip-version-check uvloop >/dev/null 2>&1 \
+		|| echo "uvloop not installable: its row is skipped"
+	$(VPY) -m benchmarks.run $(BENCH_ARGS)
+
+## Micro benchmarks of the hot paths (skipped in `make test`).
+bench-micro: $(STAMP)
+	$(VPY) -m pytest tests/benchmarks --benchmark-enable -p no:xdist $(PYTEST_ARGS)
+
 ## Run the proxy on the shipped config.json.
 run:
 	$(PYTHON) rawproxy.py

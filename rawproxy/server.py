@@ -53,6 +53,8 @@ DEFAULT_BUFFER_BYTES = 64 * 1024
 # not to spin on a listener that stays readable, short enough that clients
 # in the backlog barely notice once descriptors are free again.
 ACCEPT_PAUSE_S = 0.1
+# Pooled pipes (splice path) are closed once no connection is open for this long.
+PIPE_TRIM_AFTER_S = 1.0
 
 
 class BindError(Exception):
@@ -99,6 +101,7 @@ class Server:
                                    PipePool(buffer_bytes) if splice else None)
         self._session_class: type[Session[Any]] = SpliceSession if splice else CopySession
         self._reserve_fd = -1
+        self._trim_timer: Optional[Timer] = None
         self.listeners: dict[int, Listener] = {}
         self.sessions: set[Session[Any]] = set()
         # Keyed by app name, and kept for apps a reload removed while
@@ -286,8 +289,17 @@ class Server:
                     session.target.address if session.target is not None else "-",
                     bytes_in, bytes_out, int((self.loop.now - session.started_at) * 1000),
                     session.end, session.end_detail)
+        if not self.sessions and self._ctx.pipes is not None and self._trim_timer is None:
+            self._trim_timer = self.loop.call_later(PIPE_TRIM_AFTER_S, self._trim_pipes)
         if self._draining and not self.sessions:
             self._finish_drain()
+
+    def _trim_pipes(self) -> None:
+        """Idle for a while: close pooled pipes, so an idle proxy holds only
+        its listeners (and an operator's fd count means what it says)."""
+        self._trim_timer = None
+        if not self.sessions and self._ctx.pipes is not None:
+            self._ctx.pipes.close()
 
     # -- views for the admin endpoint ------------------------------------------
 

@@ -92,27 +92,27 @@ def close_pipe(pipe: Pipe) -> None:
 class PipeBuffer:
     """Bytes in flight in one direction, held by the kernel in a pipe."""
 
-    __slots__ = ("_pool", "capacity", "_size", "_pipe", "_full")
+    __slots__ = ("_pool", "capacity", "held", "_pipe", "_full")
 
     def __init__(self, pool: PipePool) -> None:
         self._pool = pool
         self.capacity = pool.capacity
-        self._size = 0
+        self.held = 0
         self._pipe: Optional[Pipe] = None
         self._full = False
 
     def __len__(self) -> int:
-        return self._size
+        return self.held
 
     @property
     def free(self) -> int:
-        return self.capacity - self._size
+        return self.capacity - self.held
 
     def is_full(self) -> bool:
-        return self._full or self._size >= self.capacity
+        return self._full or self.held >= self.capacity
 
     def is_empty(self) -> bool:
-        return self._size == 0
+        return self.held == 0
 
     @property
     def holds_storage(self) -> bool:
@@ -129,19 +129,19 @@ class PipeBuffer:
         self._full = True
 
     def commit(self, nbytes: int) -> None:
-        if nbytes < 0 or nbytes > self.capacity - self._size:
+        if nbytes < 0 or nbytes > self.capacity - self.held:
             raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
-        self._size += nbytes
-        if self._size == 0:
+        self.held += nbytes
+        if self.held == 0:
             self._release()
 
     def advance(self, nbytes: int) -> None:
-        if nbytes < 0 or nbytes > self._size:
-            raise ValueError(f"advance({nbytes}) with {self._size} bytes held")
-        self._size -= nbytes
+        if nbytes < 0 or nbytes > self.held:
+            raise ValueError(f"advance({nbytes}) with {self.held} bytes held")
+        self.held -= nbytes
         if nbytes:
             self._full = False
-        if self._size == 0:
+        if self.held == 0:
             self._release()
 
     def append(self, data: bytes) -> None:
@@ -152,11 +152,11 @@ class PipeBuffer:
         view = memoryview(data)
         while view:
             written = os.write(write_end, view)  # an empty pipe takes a header whole
-            self._size += written
+            self.held += written
             view = view[written:]
 
     def _release(self) -> None:
-        self._size = 0
+        self.held = 0
         self._full = False
         if self._pipe is not None:
             self._pool.give_back(self._pipe)
@@ -164,10 +164,10 @@ class PipeBuffer:
 
     def close(self) -> None:
         if self._pipe is not None:
-            if self._size:
+            if self.held:
                 close_pipe(self._pipe)  # stale bytes: never pool this one
             else:
                 self._pool.give_back(self._pipe)
             self._pipe = None
-        self._size = 0
+        self.held = 0
         self._full = False

@@ -27,6 +27,7 @@ class FlowBuffer(Protocol):
     """What a flow needs of its buffer (RingBuffer and PipeBuffer have it)."""
 
     capacity: int
+    held: int  # bytes in the buffer now (read-only outside the buffer)
 
     def __len__(self) -> int: ...
     def is_full(self) -> bool: ...

@@ -58,13 +58,14 @@ class BufferPool:
 class RingBuffer:
     """Bytes in flight in one direction of one connection.
 
-    ``_start`` is the offset of the oldest byte, ``_size`` the number held;
-    the free region begins at ``(_start + _size) % capacity``.  When the ring
+    ``_start`` is the offset of the oldest byte, ``held`` the number held
+    (a plain attribute, read on the hot path; only this class writes it);
+    the free region begins at ``(_start + held) % capacity``.  When the ring
     empties, both reset to zero so the next ``writable()`` offers the whole
     capacity as one contiguous region (one ``recv_into`` call, not two).
     """
 
-    __slots__ = ("_pool", "_storage", "_view", "_start", "_size", "capacity")
+    __slots__ = ("_pool", "_storage", "_view", "_start", "held", "capacity")
 
     def __init__(self, pool: BufferPool) -> None:
         self._pool = pool
@@ -72,20 +73,20 @@ class RingBuffer:
         self._storage: Optional[bytearray] = None
         self._view: Optional[memoryview] = None
         self._start = 0
-        self._size = 0
+        self.held = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self.held
 
     @property
     def free(self) -> int:
-        return self.capacity - self._size
+        return self.capacity - self.held
 
     def is_full(self) -> bool:
-        return self._size == self.capacity
+        return self.held == self.capacity
 
     def is_empty(self) -> bool:
-        return self._size == 0
+        return self.held == 0
 
     @property
     def holds_storage(self) -> bool:
@@ -99,7 +100,7 @@ class RingBuffer:
             self._storage = storage
             view = self._view = memoryview(storage)
         capacity = self.capacity
-        end = self._start + self._size
+        end = self._start + self.held
         if end >= capacity:
             # Data wraps: free space lies between the wrapped tail and start.
             return view[end - capacity:self._start]
@@ -107,10 +108,10 @@ class RingBuffer:
 
     def commit(self, nbytes: int) -> None:
         """Record that ``nbytes`` were written into the last ``writable()``."""
-        if nbytes < 0 or nbytes > self.capacity - self._size:
+        if nbytes < 0 or nbytes > self.capacity - self.held:
             raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
-        self._size += nbytes
-        if self._size == 0:
+        self.held += nbytes
+        if self.held == 0:
             # recv_into wrote nothing (EOF or error): do not pin the storage.
             self._release()
 
@@ -119,17 +120,17 @@ class RingBuffer:
         view = self._view
         if view is None:
             return memoryview(b"")
-        end = self._start + self._size
+        end = self._start + self.held
         if end > self.capacity:
             return view[self._start:]
         return view[self._start:end]
 
     def advance(self, nbytes: int) -> None:
         """Record that ``nbytes`` from the last ``readable()`` were consumed."""
-        if nbytes < 0 or nbytes > self._size:
-            raise ValueError(f"advance({nbytes}) with {self._size} bytes held")
-        self._size -= nbytes
-        if self._size == 0:
+        if nbytes < 0 or nbytes > self.held:
+            raise ValueError(f"advance({nbytes}) with {self.held} bytes held")
+        self.held -= nbytes
+        if self.held == 0:
             self._release()
         else:
             self._start = (self._start + nbytes) % self.capacity
@@ -148,7 +149,7 @@ class RingBuffer:
 
     def _release(self) -> None:
         self._start = 0
-        self._size = 0
+        self.held = 0
         storage = self._storage
         if storage is not None:
             self._view = None

@@ -75,7 +75,7 @@ class Session(Generic[B]):
         "_ctx", "route", "client", "client_addr", "listen_port", "state",
         "target", "_target_sock", "_tried", "_addresses", "_last_error",
         "_connect_timer", "_idle_timer", "relay", "started_at", "last_active",
-        "end", "end_detail", "_client_fd", "_target_fd", "_attempt_started",
+        "end", "end_detail", "_client_fd", "_target_fd", "_attempt_started", "_steady",
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
@@ -99,6 +99,7 @@ class Session(Generic[B]):
         self.started_at = ctx.loop.now
         self.last_active = ctx.loop.now
         self._attempt_started = 0.0
+        self._steady = False
         self.end = ""          # short code: done, reset, idle-timeout, connect-failed, ...
         self.end_detail = ""   # why, for the access log
 
@@ -269,6 +270,10 @@ class Session(Generic[B]):
             return
         relay = self.relay
         assert relay is not None
+        up, down = relay.upstream, relay.downstream
+        if (self._steady and not (up.buffer.held or down.buffer.held)
+                and not (up.src_eof or down.src_eof)):
+            return  # the usual turn: all passed straight through, interest unchanged
         if relay.is_done():
             self.close("done", reset=False)
         else:
@@ -290,8 +295,12 @@ class Session(Generic[B]):
         relay = self.relay
         assert relay is not None
         loop = self._ctx.loop
-        loop.set_interest(self._client_fd, relay.client_mask())
-        loop.set_interest(self._target_fd, relay.target_mask())
+        client_mask, target_mask = relay.client_mask(), relay.target_mask()
+        loop.set_interest(self._client_fd, client_mask)
+        loop.set_interest(self._target_fd, target_mask)
+        # Steady: both sides read, nothing held, no FIN; _pump may skip this
+        # call while that stays true (it is re-checked on every turn).
+        self._steady = client_mask == target_mask == EVENT_READ
 
     def _inactivity_limit(self) -> tuple[Optional[float], str]:
         """How long the connection may sit with no bytes moving, and the end code."""
@@ -386,7 +395,7 @@ class CopySession(Session[RingBuffer]):
 
     def _send(self, flow: Flow[RingBuffer], dst: socket.socket) -> None:
         ring = flow.buffer
-        while len(ring):
+        while ring.held:
             view = ring.readable()
             try:
                 sent = dst.send(view)
@@ -422,7 +431,7 @@ class SpliceSession(Session[PipeBuffer]):
             nbytes = os.splice(  # novermin: only used where splice_available()
                 src.fileno(), write_end, pipe.free, flags=SPLICE_FLAGS)
         except netio.WOULD_BLOCK:
-            if len(pipe):
+            if pipe.held:
                 pipe.mark_full()  # the pipe's slots are full, not the socket empty
             else:
                 pipe.commit(0)
@@ -436,8 +445,8 @@ class SpliceSession(Session[PipeBuffer]):
 
     def _send(self, flow: Flow[PipeBuffer], dst: socket.socket) -> None:
         pipe = flow.buffer
-        while len(pipe):
-            held = len(pipe)
+        while pipe.held:
+            held = pipe.held
             try:
                 sent = os.splice(  # novermin: only used where splice_available()
                     pipe.pipe()[0], dst.fileno(), held, flags=SPLICE_FLAGS)

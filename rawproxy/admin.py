@@ -170,17 +170,19 @@ class _AdminConnection:
 
 
 class AdminServer:
-    def __init__(self, loop: EventLoop, handlers: AdminHandlers, host: str, port: int) -> None:
+    def __init__(self, loop: EventLoop, handlers: AdminHandlers, host: str, port: int,
+                 sock: Optional[socket.socket] = None) -> None:
         self.loop = loop
         self.handlers = handlers
         self.host = host
         self.port = port
         self.connections: set[_AdminConnection] = set()
-        self._sock: Optional[socket.socket] = None
+        self._sock = sock  # already bound (the supervisor binds before forking)
 
     def start(self) -> None:
-        """Bind and listen; raises OSError (the CLI reports it, exit 1)."""
-        self._sock = netio.open_listener(self.host, self.port, 64)
+        """Bind (unless given a bound socket) and listen; raises OSError."""
+        if self._sock is None:
+            self._sock = netio.open_listener(self.host, self.port, 64)
         self.port = self._sock.getsockname()[1]
         self.loop.watch(self._sock.fileno(), self._on_accept)
         self.loop.set_interest(self._sock.fileno(), EVENT_READ)

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--half-open-timeout", type=_positive_seconds, default=60.0,
                         metavar="SECONDS",
                         help="close a connection whose one direction has ended and on "
-                             "which no bytes moved for this long (default: 60)")
+                             "which no bytes moved for this long, unless its app sets "
+                             "IdleTimeout (default: 60)")
     parser.add_argument("--workers", type=_worker_count, default=1, metavar="N",
                         help="run N proxy processes sharing the ports (SO_REUSEPORT), "
                              "one event loop each, under a supervisor that restarts them "
@@ -181,7 +182,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     log.info("rawproxy %s, file descriptor limit %d", __version__, raise_fd_limit())
     if args.workers > 1:
         def worker_main(index: int, control: socket.socket) -> int:
-            return _serve(args, source, config, identity, (index, control))
+            # A worker restarted after a reload must serve the file as it is
+            # now, like its siblings; if it became invalid, the last config
+            # this process knows to be good.
+            try:
+                current = source.load()
+            except ConfigError as exc:
+                log.warning("worker %d starts with the previous config: %s", index, exc)
+                current = config
+            return _serve(args, source, current, identity, (index, control))
 
         return Supervisor(args.workers, worker_main, args.admin).run()
     return _serve(args, source, config, identity)

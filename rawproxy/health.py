@@ -66,6 +66,9 @@ class _Check:
             except netio.ConnectFailed as exc:
                 self._reason = exc.reason
                 continue
+            except netio.LocalResourceError:
+                self.cancel()  # no verdict: the shortage is ours, not the target's
+                return
             self._fd = self._sock.fileno()
             self._loop.watch(self._fd, self._on_writable)
             self._loop.set_interest(self._fd, EVENT_WRITE)
@@ -76,7 +79,8 @@ class _Check:
         sock = self._sock
         assert sock is not None
         try:
-            netio.finish_connect(sock)
+            if not netio.finish_connect(sock):
+                return  # a stale wake-up: the connect is still under way
         except netio.ConnectFailed as exc:
             self._reason = exc.reason
             self._drop_socket()

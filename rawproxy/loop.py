@@ -84,6 +84,7 @@ class EventLoop:
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
+        self._unwatched_in_batch: set[int] = set()
         self._timers: list[Timer] = []
         self._timer_seq = 0
         self._cancelled_timers = 0
@@ -124,7 +125,10 @@ class EventLoop:
 
     def unwatch(self, fd: int) -> None:
         mask = self._masks.pop(fd, 0)
-        self._handlers.pop(fd, None)
+        if self._handlers.pop(fd, None) is not None:
+            # Events already collected for this fd belong to the socket being
+            # closed; a new socket may get the same number within this batch.
+            self._unwatched_in_batch.add(fd)
         if mask:
             self._selector.unregister(fd)
 
@@ -212,14 +216,20 @@ class EventLoop:
         ready = self._selector.select(timeout)
         self.now = self._clock()
         handlers = self._handlers
+        stale = self._unwatched_in_batch
+        stale.clear()
         for key, events in ready:
-            handler = handlers.get(key.fd)
+            fd = key.fd
+            if stale and fd in stale:
+                continue  # its socket was closed by an earlier handler of this batch
+            handler = handlers.get(fd)
             if handler is None:
-                continue  # closed by an earlier handler in this batch
+                continue
             try:
                 handler(events)
             except Exception:
-                log.exception("unhandled error in handler for fd %d", key.fd)
+                log.exception("unhandled error in handler for fd %d", fd)
+        stale.clear()
         self._run_due_timers()
         self._run_ready()
 

@@ -68,6 +68,10 @@ class ConnectFailed(Exception):
         self.reason = reason
 
 
+class LocalResourceError(Exception):
+    """No descriptor or memory for a socket here: not the target's fault."""
+
+
 class PeerGone(Exception):
     """The peer reset the connection or it broke; close both sides."""
 
@@ -109,12 +113,16 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
     """A non-blocking socket whose connect is under way.
 
     Raises :class:`ConnectFailed` when the kernel refuses at once (loopback
-    often answers ECONNREFUSED synchronously) or no socket can be had.
+    often answers ECONNREFUSED synchronously), :class:`LocalResourceError`
+    when no socket can be had.
     """
     try:
         sock = socket.socket(family, socket.SOCK_STREAM)
     except OSError as exc:
-        # EMFILE and friends: a failed attempt, not a crash (SPEC 4/5).
+        # EMFILE and friends: this client cannot be served now, but the
+        # target did nothing wrong, so its health must not suffer.
+        if exc.errno in ACCEPT_RESOURCE_ERRNOS:
+            raise LocalResourceError(exc.strerror or str(exc)) from exc
         raise ConnectFailed(connect_reason(exc.errno or 0)) from exc
     sock.setblocking(False)
     err = sock.connect_ex(sockaddr)
@@ -124,11 +132,24 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
     return sock
 
 
-def finish_connect(sock: socket.socket) -> None:
-    """After write readiness: raise :class:`ConnectFailed` unless connected."""
+def finish_connect(sock: socket.socket) -> bool:
+    """After write readiness: True once connected, False if still connecting;
+    raises :class:`ConnectFailed` when the connect failed.
+
+    SO_ERROR is 0 both for "connected" and "still in progress", so the peer
+    name settles it: a spurious wake-up must not pass for a connection.
+    """
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise ConnectFailed(connect_reason(err))
+    try:
+        sock.getpeername()
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return False
+        raise ConnectFailed(connect_reason(exc.errno or 0)) from exc
+    return True
+
 
 
 def set_nodelay(sock: socket.socket) -> None:

@@ -145,6 +145,9 @@ class Session(Generic[B]):
             except netio.ConnectFailed as exc:
                 self._last_error = exc.reason
                 continue
+            except netio.LocalResourceError as exc:
+                self.close("no-resources", reset=True, detail=str(exc))
+                return
             self._target_sock = sock
             self._target_fd = sock.fileno()
             loop = self._ctx.loop
@@ -185,7 +188,8 @@ class Session(Generic[B]):
         sock = self._target_sock
         assert sock is not None
         try:
-            netio.finish_connect(sock)
+            if not netio.finish_connect(sock):
+                return  # a stale wake-up: the connect is still under way
         except netio.ConnectFailed as exc:
             self._last_error = exc.reason
             self._drop_target_socket()
@@ -305,12 +309,12 @@ class Session(Generic[B]):
     def _inactivity_limit(self) -> tuple[Optional[float], str]:
         """How long the connection may sit with no bytes moving, and the end code."""
         limit = self.route.app.idle_timeout_s
+        if limit is not None:
+            return limit, "idle-timeout"  # the app's own setting wins, longer or shorter
         relay = self.relay
         if relay is not None and (relay.upstream.dst_shut or relay.downstream.dst_shut):
-            half_open = self._ctx.half_open_timeout_s
-            if limit is None or half_open < limit:
-                return half_open, "half-open-timeout"
-        return limit, "idle-timeout"
+            return self._ctx.half_open_timeout_s, "half-open-timeout"
+        return None, "idle-timeout"
 
     def _arm_inactivity_timer(self) -> None:
         limit, _ = self._inactivity_limit()

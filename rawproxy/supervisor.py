@@ -16,9 +16,11 @@ supervisor (the process the operator started) serves no traffic:
   the families, ``/config`` lists every worker's view.
 
 Control protocol, on a socketpair per worker: the supervisor writes one
-request line (``metrics`` or ``config``); the worker answers with a frame, a
-4-byte big-endian length then UTF-8 text.  A worker announces itself with a
-``ready`` frame once its listeners are bound.  A worker whose control socket
+request line, ``<id> metrics`` or ``<id> config``; the worker answers with a
+frame, a 4-byte big-endian length then UTF-8 text whose first line is the
+same id.  Ids let the supervisor drop an answer that arrives after it gave
+up waiting, instead of taking it for the answer to the next question.  A
+worker announces itself with a ``ready`` frame once its listeners are bound.  A worker whose control socket
 reaches EOF (the supervisor died) drains and exits, so no worker outlives
 its supervisor for long.
 """
@@ -43,7 +45,7 @@ from .loop import EVENT_READ, EventLoop
 log = logging.getLogger("rawproxy.supervisor")
 
 CONTROL_TIMEOUT_S = 2.0
-READY_TIMEOUT_S = 30.0
+READY_TIMEOUT_S = 15.0
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 
@@ -87,7 +89,10 @@ class WorkerControl:
         self._config_view = config_view
         self._on_orphaned = on_orphaned
         self._pending = b""
-        sock.settimeout(CONTROL_TIMEOUT_S)  # answers are small; never stall for long
+        # A roomy send buffer so an answer is written whole even when the
+        # supervisor is slow to read; the timeout bounds the rare worst case.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        sock.settimeout(CONTROL_TIMEOUT_S)
         loop.watch(sock.fileno(), self._on_readable)
         loop.set_interest(sock.fileno(), EVENT_READ)
 
@@ -108,7 +113,7 @@ class WorkerControl:
         self._pending += data
         while b"\n" in self._pending:
             line, self._pending = self._pending.split(b"\n", 1)
-            request = line.decode(errors="replace").strip()
+            request_id, _, request = line.decode(errors="replace").strip().partition(" ")
             if request == "metrics":
                 answer = self._metrics_text()
             elif request == "config":
@@ -116,7 +121,7 @@ class WorkerControl:
             else:
                 answer = ""
             try:
-                write_frame(self._sock, answer)
+                write_frame(self._sock, f"{request_id}\n{answer}")
             except OSError:
                 pass  # the supervisor gave up waiting; it asks again next time
 
@@ -127,7 +132,7 @@ class WorkerControl:
 
 
 class _Worker:
-    __slots__ = ("index", "pid", "control", "started_at", "restart_delay_s")
+    __slots__ = ("index", "pid", "control", "started_at", "restart_delay_s", "next_request")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -135,6 +140,7 @@ class _Worker:
         self.control: Optional[socket.socket] = None
         self.started_at = 0.0
         self.restart_delay_s = RESTART_MIN_S
+        self.next_request = 0
 
 
 class Supervisor:
@@ -143,6 +149,7 @@ class Supervisor:
         self._worker_main = worker_main
         self._workers = [_Worker(index) for index in range(count)]
         self._admin_address = admin_address
+        self._admin_sock: Optional[socket.socket] = None
         self._loop: Optional[EventLoop] = None
         self._admin: Optional[AdminServer] = None
         self._stopping = False
@@ -175,6 +182,8 @@ class Supervisor:
         """In a new worker: drop the supervisor's loop, admin and other pipes."""
         if self._admin is not None:
             self._admin.close_after_fork()
+        elif self._admin_sock is not None:
+            self._admin_sock.close()
         if self._loop is not None:
             self._loop.close_after_fork()
         for other in self._workers:
@@ -190,42 +199,59 @@ class Supervisor:
                 return None
         except (OSError, ConnectionError):
             pass
+        try:
+            os.kill(worker.pid, signal.SIGKILL)  # alive but silent: give up on it
+        except ProcessLookupError:
+            pass
         _, status = os.waitpid(worker.pid, 0)
         worker.pid = 0
         return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
             else (status >> 8)
 
     def run(self) -> int:
-        for worker in self._workers:
-            self._spawn(worker)
-            failed = self._wait_ready(worker)
-            if failed is not None:
-                self._signal_all(signal.SIGKILL)
-                self._reap_all_blocking()
-                return failed if failed > 0 else 1
-        return self._supervise()
-
-    # -- running ----------------------------------------------------------------
-
-    def _supervise(self) -> int:
+        """Start the workers and supervise them; the process exit status."""
+        if self._admin_address is not None:
+            host, port = self._admin_address
+            try:  # before any worker exists: a busy admin port is one clean error
+                self._admin_sock = netio.open_listener(host, port, 64)
+            except OSError as exc:
+                print(f"rawproxy: error: cannot listen on {host}:{port} (admin endpoint): "
+                      f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+                return 1
+        # Handlers before the first fork: a signal during start-up is queued
+        # for the loop instead of killing the supervisor by default action.
         loop = self._loop = EventLoop()
         try:
             loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal)
             loop.add_signal_handler(signal.SIGINT, self._on_stop_signal)
             loop.add_signal_handler(signal.SIGHUP, lambda: self._signal_all(signal.SIGHUP))
             loop.add_signal_handler(signal.SIGCHLD, self._reap)
-            if self._admin_address is not None:
-                self._admin = AdminServer(loop, AdminHandlers(
-                    lambda: self._stopping, self.metrics_text, self.config_view),
-                    *self._admin_address)
-                self._admin.start()
-            log.info("supervising %d workers", len(self._workers))
-            self._reap()  # a worker may have died before SIGCHLD was handled
-            loop.run()
+            for worker in self._workers:
+                self._spawn(worker)
+                failed = self._wait_ready(worker)
+                if failed is not None:
+                    self._signal_all(signal.SIGKILL)
+                    self._reap_all_blocking()
+                    return failed if failed > 0 else 1
+            return self._supervise(loop)
         finally:
             if self._admin is not None:
                 self._admin.close()
+            elif self._admin_sock is not None:
+                self._admin_sock.close()
             loop.close()
+
+    # -- running ----------------------------------------------------------------
+
+    def _supervise(self, loop: EventLoop) -> int:
+        if self._admin_sock is not None:
+            self._admin = AdminServer(loop, AdminHandlers(
+                lambda: self._stopping, self.metrics_text, self.config_view),
+                *self._admin_address or ("", 0), sock=self._admin_sock)
+            self._admin.start()
+        log.info("supervising %d workers", len(self._workers))
+        self._reap()  # a worker may have died before SIGCHLD was handled
+        loop.run()
         log.info("all workers exited")
         return 0
 
@@ -293,13 +319,22 @@ class Supervisor:
     # -- admin views --------------------------------------------------------------
 
     def _ask(self, worker: _Worker, request: str) -> Optional[str]:
-        if not worker.pid or worker.control is None:
+        control = worker.control
+        if not worker.pid or control is None:
             return None
+        worker.next_request += 1
+        request_id = str(worker.next_request)
+        deadline = time.monotonic() + CONTROL_TIMEOUT_S
         try:
-            worker.control.settimeout(CONTROL_TIMEOUT_S)
-            worker.control.sendall(request.encode() + b"\n")
-            return read_frame(worker.control)
-        except (OSError, ConnectionError) as exc:
+            control.settimeout(CONTROL_TIMEOUT_S)
+            control.sendall(f"{request_id} {request}\n".encode())
+            while True:
+                control.settimeout(max(0.001, deadline - time.monotonic()))
+                answer_id, _, answer = read_frame(control).partition("\n")
+                if answer_id == request_id:
+                    return answer
+                # A late answer to a question we gave up on: drop it.
+        except (OSError, ConnectionError, UnicodeDecodeError, struct.error) as exc:
             if getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
                 log.warning("worker %d did not answer %s: %s", worker.index, request, exc)
             return None
@@ -312,7 +347,10 @@ class Supervisor:
         views = []
         for worker in self._workers:
             text = self._ask(worker, "config")
-            views.append(json.loads(text) if text else None)
+            try:
+                views.append(json.loads(text) if text else None)
+            except ValueError:
+                views.append(None)
         return {"Workers": views, "Draining": self._stopping}
 
 

@@ -114,3 +114,50 @@ def test_workers_report_a_busy_port_once_and_exit_1(tmp_path: Path) -> None:
         assert len(errors) == 1 and "Address already in use" in errors[0]
     finally:
         squatter.close()
+
+
+def test_a_restarted_worker_serves_the_reloaded_config(proxies: ProxyFactory,
+                                                       backend: BackendFactory) -> None:
+    (admin,) = free_ports(1)
+    target = backend().address
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [target]}],
+                                 "--workers", "2", "--admin", f"{HOST}:{admin}")
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    (added,) = free_ports(1)
+    proxy.config_path.write_text(json.dumps({"Apps": [
+        {"Name": "a", "Ports": [ports["a"][0], added], "Targets": [target]}]}))
+    proxy.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.count_lines("config reloaded") == 2)
+    victim = worker_pids(proxy)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: worker_pids(proxy)[0] != victim and
+               proxy.count_lines(r"worker 0 started") == 2)
+
+    def ports_of_each_worker() -> list[object]:
+        views = json.loads(get(admin, "/config"))["Workers"]
+        return [view and view["Apps"][0]["Ports"] for view in views]
+
+    wait_until(lambda: ports_of_each_worker() == [[ports["a"][0], added]] * 2,
+               message="both workers to serve the reloaded ports")
+
+
+def test_a_busy_admin_port_is_one_error_before_any_worker(tmp_path: Path) -> None:
+    squatter = socket.socket()
+    squatter.bind((HOST, 0))
+    squatter.listen(1)
+    try:
+        (port,) = free_ports(1)
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [port],
+                                              "Targets": ["127.0.0.1:9"]}]}))
+        result = subprocess.run([sys.executable, "rawproxy.py", "--config", str(path),
+                                 "--listen-host", HOST, "--workers", "2", "--log-level", "error",
+                                 "--admin", f"{HOST}:{squatter.getsockname()[1]}"],
+                                cwd=str(Path(__file__).resolve().parents[2]),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1
+        assert result.stderr.strip().splitlines() == [
+            f"rawproxy: error: cannot listen on {HOST}:{squatter.getsockname()[1]} "
+            "(admin endpoint): Address already in use"]
+    finally:
+        squatter.close()

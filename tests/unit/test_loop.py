@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -454,3 +454,49 @@ def test_stop_ends_run(loop: EventLoop) -> None:
     loop.call_soon(tick)
     loop.run()
     assert len(turns) == 3
+
+
+def test_a_stale_event_never_reaches_a_socket_that_reused_the_fd() -> None:
+    # Two readable sockets in one batch; whichever handler runs first closes
+    # the other and opens a new socket, which the kernel gives the same fd
+    # number.  The closed socket's collected event must not reach it.
+    loop = EventLoop()
+    pairs = [socket.socketpair() for _ in range(2)]
+    replacement_events: list[int] = []
+    replacements: list[socket.socket] = []
+    closed: list[int] = []
+
+    def make_handler(index: int) -> Callable[[int], None]:
+        def handler(events: int) -> None:
+            other = pairs[1 - index][0]
+            if closed:
+                return
+            fd = other.fileno()
+            loop.unwatch(fd)
+            other.close()
+            closed.append(fd)
+            fresh = socket.socket()
+            replacements.append(fresh)
+            assert fresh.fileno() == fd, "the kernel reuses the lowest free fd"
+            loop.watch(fd, replacement_events.append)
+            loop.set_interest(fd, EVENT_READ | EVENT_WRITE)
+        return handler
+
+    try:
+        for index, (reader, writer) in enumerate(pairs):
+            loop.watch(reader.fileno(), make_handler(index))
+            loop.set_interest(reader.fileno(), EVENT_READ)
+            writer.send(b"x")
+        loop.run_once(max_wait_s=1.0)
+        assert closed, "no handler ran"
+        assert replacement_events == [], "the stale event was delivered to the new socket"
+    finally:
+        for sock in replacements:
+            loop.unwatch(sock.fileno())
+            sock.close()
+        for reader, writer in pairs:
+            if reader.fileno() >= 0:
+                loop.unwatch(reader.fileno())
+                reader.close()
+            writer.close()
+        loop.close()

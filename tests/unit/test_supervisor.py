@@ -1,0 +1,78 @@
+"""The supervisor's control channel and exposition merging, without forking."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Iterator
+
+import pytest
+
+from rawproxy import supervisor
+from rawproxy.supervisor import Supervisor, merge_expositions, read_frame, write_frame
+
+
+@pytest.fixture
+def channel() -> Iterator[tuple[Supervisor, socket.socket]]:
+    sup = Supervisor(1, lambda index, control: 0)
+    ours, theirs = socket.socketpair()
+    worker = sup._workers[0]
+    worker.pid = os.getpid()  # any live pid: _ask only checks that one is set
+    worker.control = ours
+    yield sup, theirs
+    ours.close()
+    theirs.close()
+
+
+def request_line(sock: socket.socket) -> tuple[str, str]:
+    line = b""
+    while not line.endswith(b"\n"):
+        line += sock.recv(1)
+    request_id, _, request = line.decode().strip().partition(" ")
+    return request_id, request
+
+
+def test_an_answer_is_matched_to_its_question(channel: tuple[Supervisor, socket.socket],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    sup, worker_end = channel
+    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 0.2)
+    # The first question times out: the worker was too slow.
+    assert sup._ask(sup._workers[0], "metrics") is None
+    late_id, late_request = request_line(worker_end)
+    assert late_request == "metrics"
+    write_frame(worker_end, f"{late_id}\nstale metrics")  # ...and answers late
+    # The next question must not get the late answer.
+    monkeypatch.setattr(supervisor, "CONTROL_TIMEOUT_S", 5.0)
+
+    def answer_next() -> None:
+        request_id, request = request_line(worker_end)
+        write_frame(worker_end, f"{request_id}\n{{\"asked\": \"{request}\"}}")
+
+    thread = threading.Thread(target=answer_next)
+    thread.start()
+    try:
+        assert sup._ask(sup._workers[0], "config") == '{"asked": "config"}'
+    finally:
+        thread.join(5)
+
+
+def test_frames_round_trip() -> None:
+    left, right = socket.socketpair()
+    with left, right:
+        write_frame(left, "héllo\nworld")
+        assert read_frame(right) == "héllo\nworld"
+
+
+def test_merge_keeps_each_family_header_once() -> None:
+    one = ('# HELP rawproxy_a A.\n# TYPE rawproxy_a counter\nrawproxy_a{worker="0"} 1\n'
+           '# HELP rawproxy_b B.\n# TYPE rawproxy_b gauge\nrawproxy_b{worker="0"} 2\n')
+    two = one.replace('worker="0"', 'worker="1"').replace("} 1", "} 3")
+    merged = merge_expositions([one, two]).splitlines()
+    assert merged == [
+        "# HELP rawproxy_a A.", "# TYPE rawproxy_a counter",
+        'rawproxy_a{worker="0"} 1', 'rawproxy_a{worker="1"} 3',
+        "# HELP rawproxy_b B.", "# TYPE rawproxy_b gauge",
+        'rawproxy_b{worker="0"} 2', 'rawproxy_b{worker="1"} 2',
+    ]
+    assert merge_expositions([]) == ""

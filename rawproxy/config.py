@@ -106,13 +106,13 @@ class Target:
     host: str
     port: int
     weight: int = 1
+    # ``host:port`` or ``[v6]:port``: the target's identity in logs and
+    # metrics; computed once, since the relay reads it per connection.
+    address: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        """``host:port`` or ``[v6]:port``: the target's identity in logs."""
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "address", f"{host}:{self.port}")
 
 
 @dataclass(frozen=True)

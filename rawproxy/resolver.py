@@ -72,13 +72,16 @@ class Resolver:
 
     def resolve(self, host: str, port: int,
                 on_done: Callable[[Resolution], None]) -> Optional[Resolution]:
-        literal = literal_address(host, port)
-        if literal is not None:
-            return Resolution((literal,), "", float("inf"))
         key = (host, port)
         cached = self._cache.get(key)
         if cached is not None and cached.expires_at > self._clock():
             return cached
+        literal = literal_address(host, port)
+        if literal is not None:
+            # Cached for ever, so an IP target costs one dict lookup per
+            # connect instead of an ipaddress parse.
+            resolution = self._cache[key] = Resolution((literal,), "", float("inf"))
+            return resolution
         waiting = self._waiting.get(key)
         if waiting is not None:
             waiting.append(on_done)

@@ -317,10 +317,9 @@ class Session(Generic[B]):
         return None, "idle-timeout"
 
     def _arm_inactivity_timer(self) -> None:
-        limit, _ = self._inactivity_limit()
         if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
+            return  # it re-reads the limit when it fires, and re-arms itself
+        limit, _ = self._inactivity_limit()
         if limit is not None:
             remaining = limit - (self._ctx.loop.time() - self.last_active)
             self._idle_timer = self._ctx.loop.call_later(max(0.0, remaining),

@@ -217,10 +217,20 @@ def run_stream(kind: Kind, port: int, rng: random.Random) -> StreamResult:
         return StreamResult(kind.name, port, client_port, outcome, verified, started,
                             time.monotonic(), detail)
 
+    sock = socket.socket()
     try:
-        sock = socket.create_connection((HOST, port), timeout=CONNECT_TIMEOUT_S)
+        sock.settimeout(CONNECT_TIMEOUT_S)
+        sock.bind((HOST, 0))  # known before connecting, to find its access-log line
         client_port = sock.getsockname()[1]
+        sock.connect((HOST, port))
+    except ConnectionResetError as exc:
+        # The proxy accepted, its target died at once (chaos) and it reset us
+        # before connect() returned: an interruption, judged like the others
+        # against the access log and the kill times.
+        sock.close()
+        return result(Outcome.INTERRUPTED, 0, f"reset while connecting: {exc}")
     except OSError as exc:
+        sock.close()
         return result(Outcome.VIOLATION, 0, f"connecting to the proxy failed: {exc}")
     exchange = Exchange(sock, payload, kind, send_limit)
     where = ""

@@ -98,13 +98,18 @@ class _Check:
 
     def cancel(self) -> None:
         """Abandon the check without a verdict, closing its socket."""
+        self._stop()
+
+    def _stop(self) -> bool:
+        """Release the timer and socket; False if already stopped."""
         if self._done:
-            return
+            return False
         self._done = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._drop_socket()
+        return True
 
     def _drop_socket(self) -> None:
         if self._sock is not None:
@@ -113,13 +118,8 @@ class _Check:
             self._sock = None
 
     def _finish(self, ok: bool, reason: str) -> None:
-        if self._done:
+        if not self._stop():
             return
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._drop_socket()
         balancer = self._route.balancer
         was_failing = balancer.health(self._target).check_failed
         balancer.record_check(self._target, ok, reason)

@@ -28,6 +28,8 @@ import os
 import sys
 from typing import Optional
 
+from .ringbuf import HeldBytes
+
 # fcntl.F_SETPIPE_SZ is 3.10+; the Linux value has been 1031 since 2.6.35.
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -89,30 +91,19 @@ def close_pipe(pipe: Pipe) -> None:
             pass
 
 
-class PipeBuffer:
+class PipeBuffer(HeldBytes):
     """Bytes in flight in one direction, held by the kernel in a pipe."""
 
-    __slots__ = ("_pool", "capacity", "held", "_pipe", "_full")
+    __slots__ = ("_pool", "_pipe", "_full")
 
     def __init__(self, pool: PipePool) -> None:
+        super().__init__(pool.capacity)
         self._pool = pool
-        self.capacity = pool.capacity
-        self.held = 0
         self._pipe: Optional[Pipe] = None
         self._full = False
 
-    def __len__(self) -> int:
-        return self.held
-
-    @property
-    def free(self) -> int:
-        return self.capacity - self.held
-
     def is_full(self) -> bool:
         return self._full or self.held >= self.capacity
-
-    def is_empty(self) -> bool:
-        return self.held == 0
 
     @property
     def holds_storage(self) -> bool:
@@ -129,15 +120,13 @@ class PipeBuffer:
         self._full = True
 
     def commit(self, nbytes: int) -> None:
-        if nbytes < 0 or nbytes > self.capacity - self.held:
-            raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
+        self._check_commit(nbytes)
         self.held += nbytes
         if self.held == 0:
             self._release()
 
     def advance(self, nbytes: int) -> None:
-        if nbytes < 0 or nbytes > self.held:
-            raise ValueError(f"advance({nbytes}) with {self.held} bytes held")
+        self._check_advance(nbytes)
         self.held -= nbytes
         if nbytes:
             self._full = False
@@ -146,8 +135,7 @@ class PipeBuffer:
 
     def append(self, data: bytes) -> None:
         """Write bytes the proxy makes itself (a PROXY header) into the pipe."""
-        if len(data) > self.free:
-            raise ValueError(f"append of {len(data)} bytes with {self.free} free")
+        self._check_append(data)
         _, write_end = self.pipe()
         view = memoryview(data)
         while view:

@@ -55,24 +55,17 @@ class BufferPool:
         return RingBuffer(self)
 
 
-class RingBuffer:
-    """Bytes in flight in one direction of one connection.
+class HeldBytes:
+    """Byte accounting shared by RingBuffer and pipes.PipeBuffer.
 
-    ``_start`` is the offset of the oldest byte, ``held`` the number held
-    (a plain attribute, read on the hot path; only this class writes it);
-    the free region begins at ``(_start + held) % capacity``.  When the ring
-    empties, both reset to zero so the next ``writable()`` offers the whole
-    capacity as one contiguous region (one ``recv_into`` call, not two).
+    ``held`` is a plain attribute, read on the hot path; only the buffer
+    itself writes it.
     """
 
-    __slots__ = ("_pool", "_storage", "_view", "_start", "held", "capacity")
+    __slots__ = ("capacity", "held")
 
-    def __init__(self, pool: BufferPool) -> None:
-        self._pool = pool
-        self.capacity = pool.buffer_bytes
-        self._storage: Optional[bytearray] = None
-        self._view: Optional[memoryview] = None
-        self._start = 0
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
         self.held = 0
 
     def __len__(self) -> int:
@@ -82,11 +75,43 @@ class RingBuffer:
     def free(self) -> int:
         return self.capacity - self.held
 
-    def is_full(self) -> bool:
-        return self.held == self.capacity
-
     def is_empty(self) -> bool:
         return self.held == 0
+
+    def _check_commit(self, nbytes: int) -> None:
+        if nbytes < 0 or nbytes > self.capacity - self.held:
+            raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
+
+    def _check_advance(self, nbytes: int) -> None:
+        if nbytes < 0 or nbytes > self.held:
+            raise ValueError(f"advance({nbytes}) with {self.held} bytes held")
+
+    def _check_append(self, data: bytes) -> None:
+        if len(data) > self.free:
+            raise ValueError(f"append of {len(data)} bytes with {self.free} free")
+
+
+class RingBuffer(HeldBytes):
+    """Bytes in flight in one direction of one connection.
+
+    ``_start`` is the offset of the oldest byte, ``held`` the number held
+    (a plain attribute, read on the hot path; only this class writes it);
+    the free region begins at ``(_start + held) % capacity``.  When the ring
+    empties, both reset to zero so the next ``writable()`` offers the whole
+    capacity as one contiguous region (one ``recv_into`` call, not two).
+    """
+
+    __slots__ = ("_pool", "_storage", "_view", "_start")
+
+    def __init__(self, pool: BufferPool) -> None:
+        super().__init__(pool.buffer_bytes)
+        self._pool = pool
+        self._storage: Optional[bytearray] = None
+        self._view: Optional[memoryview] = None
+        self._start = 0
+
+    def is_full(self) -> bool:
+        return self.held == self.capacity
 
     @property
     def holds_storage(self) -> bool:
@@ -108,8 +133,7 @@ class RingBuffer:
 
     def commit(self, nbytes: int) -> None:
         """Record that ``nbytes`` were written into the last ``writable()``."""
-        if nbytes < 0 or nbytes > self.capacity - self.held:
-            raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
+        self._check_commit(nbytes)
         self.held += nbytes
         if self.held == 0:
             # recv_into wrote nothing (EOF or error): do not pin the storage.
@@ -127,8 +151,7 @@ class RingBuffer:
 
     def advance(self, nbytes: int) -> None:
         """Record that ``nbytes`` from the last ``readable()`` were consumed."""
-        if nbytes < 0 or nbytes > self.held:
-            raise ValueError(f"advance({nbytes}) with {self.held} bytes held")
+        self._check_advance(nbytes)
         self.held -= nbytes
         if self.held == 0:
             self._release()
@@ -137,8 +160,7 @@ class RingBuffer:
 
     def append(self, data: bytes) -> None:
         """Copy ``data`` in (for headers the proxy writes itself)."""
-        if len(data) > self.free:
-            raise ValueError(f"append of {len(data)} bytes with {self.free} free")
+        self._check_append(data)
         offset = 0
         while offset < len(data):
             region = self.writable()

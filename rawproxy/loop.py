@@ -5,9 +5,16 @@ It knows nothing of proxying.  Contract:
 * ``watch(fd, callback)`` puts ``callback(events)`` in the fd -> handler
   table; ``set_interest(fd, mask)`` says which events (``EVENT_READ`` |
   ``EVENT_WRITE``) the handler wants.  The selector is touched only when a
-  mask really changes, and an fd with an empty mask is not in the selector at
-  all (epoll cannot hold an empty interest set).  ``unwatch(fd)`` forgets it
-  and must come before the socket is closed.
+  mask really changes.  ``unwatch(fd)`` forgets it and must come before the
+  socket is closed.
+* An fd with an empty mask is not in the selector (``selectors`` refuses an
+  empty interest set), but on Linux it still is in an *error watch*: a
+  second epoll, itself polled through the selector, holding such fds with
+  no events, which epoll still reports errors and hang-ups for.  The handler
+  then gets ``EVENT_ERROR``, so a reset on a socket the proxy is not
+  reading or writing (a half-closed side, a paused sender) is seen at once.
+  ``mute(fd)`` takes an fd out of the error watch (a hang-up that is no
+  error, say) until its mask changes.
 * ``call_later(delay_s, callback)`` returns a :class:`Timer` that can be
   cancelled; ``call_soon_threadsafe(callback)`` is the only entry point for
   other threads (the DNS workers) and wakes the loop through a socketpair.
@@ -26,6 +33,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import select
 import selectors
 import signal
 import socket
@@ -35,6 +43,7 @@ from typing import Callable, Deque, Optional
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
+EVENT_ERROR = 4  # error or hang-up on an fd with an empty mask (Linux)
 
 Handler = Callable[[int], None]
 Callback = Callable[[], None]
@@ -81,6 +90,9 @@ class EventLoop:
         self._selector = selector if selector is not None else selectors.DefaultSelector()
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
+        self._error_watched: set[int] = set()
+        self._error_watch: Optional[select.epoll] = (
+            select.epoll() if hasattr(select, "epoll") else None)
         self._unwatched_in_batch: set[int] = set()
         # (when, seq, timer): tuples compare in C, far cheaper than a
         # Python __lt__ on every heap step; seq keeps equal deadlines FIFO.
@@ -98,6 +110,9 @@ class EventLoop:
         self._wake_send.setblocking(False)
         self.watch(self._wake_recv.fileno(), self._on_wakeup)
         self.set_interest(self._wake_recv.fileno(), EVENT_READ)
+        if self._error_watch is not None:
+            self.watch(self._error_watch.fileno(), self._on_error_watch)
+            self.set_interest(self._error_watch.fileno(), EVENT_READ)
 
     # -- file descriptors -------------------------------------------------
 
@@ -113,16 +128,45 @@ class EventLoop:
             return
         self._masks[fd] = mask
         if old == 0:
+            self._leave_error_watch(fd)
             self._selector.register(fd, mask)
         elif mask == 0:
             self._selector.unregister(fd)
+            if self._error_watch is not None:
+                self._error_watch.register(fd, 0)  # errors and hang-ups only
+                self._error_watched.add(fd)
         else:
             self._selector.modify(fd, mask)
+
+    def mute(self, fd: int) -> None:
+        """Stop error reports for an fd with an empty mask, until it changes."""
+        self._leave_error_watch(fd)
+
+    def _leave_error_watch(self, fd: int) -> None:
+        if fd in self._error_watched:
+            self._error_watched.discard(fd)
+            assert self._error_watch is not None
+            self._error_watch.unregister(fd)
+
+    def _on_error_watch(self, events: int) -> None:
+        assert self._error_watch is not None
+        for fd, _ in self._error_watch.poll(0):
+            if fd in self._unwatched_in_batch or fd not in self._error_watched:
+                continue
+            handler = self._handlers.get(fd)
+            if handler is None:
+                self._leave_error_watch(fd)
+                continue
+            try:
+                handler(EVENT_ERROR)
+            except Exception:
+                log.exception("unhandled error in handler for fd %d", fd)
 
     def interest(self, fd: int) -> int:
         return self._masks.get(fd, 0)
 
     def unwatch(self, fd: int) -> None:
+        self._leave_error_watch(fd)
         mask = self._masks.pop(fd, 0)
         if self._handlers.pop(fd, None) is not None:
             # Events already collected for this fd belong to the socket being
@@ -277,6 +321,8 @@ class EventLoop:
         self._restore_signals()
         self._wake_recv.close()
         self._wake_send.close()
+        if self._error_watch is not None:
+            self._error_watch.close()
         self._selector.close()  # closes our epoll fd; no epoll_ctl on the shared set
 
     def close(self) -> None:
@@ -287,6 +333,9 @@ class EventLoop:
         self.unwatch(self._wake_recv.fileno())
         self._wake_recv.close()
         self._wake_send.close()
+        if self._error_watch is not None:
+            self.unwatch(self._error_watch.fileno())
+            self._error_watch.close()
         self._selector.close()
         self._handlers.clear()
         self._masks.clear()

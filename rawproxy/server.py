@@ -36,7 +36,7 @@ from typing import Any, Callable, Optional
 from . import netio
 from .config import App, Config
 from .health import HealthChecks
-from .loop import EVENT_READ, EventLoop, Timer
+from .loop import EVENT_ERROR, EVENT_READ, EventLoop, Timer
 from .metrics import Snapshot, TargetView
 from .resolver import Resolver
 from .ringbuf import BufferPool
@@ -75,6 +75,10 @@ class Listener:
         self._server = server
 
     def on_events(self, events: int) -> None:
+        if events & EVENT_ERROR:
+            # Reported only while paused (empty mask); nothing to act on.
+            self._server.loop.mute(self.fd)
+            return
         self._server._accept_from(self)
 
 
@@ -98,7 +102,8 @@ class Server:
         self._accept_batch = accept_batch
         self._ctx = SessionContext(loop, resolver, BufferPool(buffer_bytes),
                                    self._on_session_closed, half_open_timeout_s,
-                                   PipePool(buffer_bytes) if splice else None)
+                                   PipePool(buffer_bytes) if splice else None,
+                                   self._pause_accepting)
         self._session_class: type[Session[Any]] = SpliceSession if splice else CopySession
         self._reserve_fd = -1
         self._trim_timer: Optional[Timer] = None
@@ -216,7 +221,7 @@ class Server:
                     continue
                 if exc.errno in netio.ACCEPT_RESOURCE_ERRNOS:
                     self._shed_one(listener)
-                    self._pause_accepting(exc)
+                    self._pause_accepting(exc.strerror or str(exc))
                     return
                 raise
             self._on_client(listener, client, addr)
@@ -240,8 +245,12 @@ class Server:
             netio.abort(client)
         self._reserve_fd = _open_reserve_fd()
 
-    def _pause_accepting(self, exc: OSError) -> None:
-        log.warning("accept paused for %.1fs: %s", ACCEPT_PAUSE_S, exc.strerror or exc)
+    def _pause_accepting(self, reason: str) -> None:
+        """Out of descriptors or memory (at accept, or for a target socket):
+        stop taking clients that could not be served, for a short while."""
+        if self._accept_paused:
+            return
+        log.warning("accept paused for %.1fs: %s", ACCEPT_PAUSE_S, reason)
         self._accept_paused = True
         self._refresh_listeners()
         self.loop.call_later(ACCEPT_PAUSE_S, self._resume_accepting)

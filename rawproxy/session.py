@@ -30,7 +30,7 @@ from typing import Any, Callable, Generic, Optional, TypeVar
 
 from . import netio, proxyproto
 from .config import Target
-from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
+from .loop import EVENT_ERROR, EVENT_READ, EVENT_WRITE, EventLoop, Timer
 from .pipes import SPLICE_FLAGS, PipeBuffer, PipePool
 from .relay import Flow, FlowBuffer, Relay
 from .resolver import Address, Resolution, Resolver
@@ -51,12 +51,15 @@ class State(enum.Enum):
 class SessionContext:
     """What every session of a server shares (one object, not globals)."""
 
-    __slots__ = ("loop", "resolver", "pool", "pipes", "on_closed", "half_open_timeout_s")
+    __slots__ = ("loop", "resolver", "pool", "pipes", "on_closed", "half_open_timeout_s",
+                 "on_no_resources")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
                  on_closed: Callable[[Session[Any]], None],
                  half_open_timeout_s: float = 60.0,
-                 pipes: Optional[PipePool] = None) -> None:
+                 pipes: Optional[PipePool] = None,
+                 on_no_resources: Callable[[str], None] = lambda reason: None) -> None:
+        self.on_no_resources = on_no_resources  # the server pauses accepting
         self.loop = loop
         self.resolver = resolver
         self.pool = pool
@@ -147,6 +150,7 @@ class Session(Generic[B]):
                 continue
             except netio.LocalResourceError as exc:
                 self.close("no-resources", reset=True, detail=str(exc))
+                self._ctx.on_no_resources(str(exc))
                 return
             self._target_sock = sock
             self._target_fd = sock.fileno()
@@ -251,6 +255,9 @@ class Session(Generic[B]):
     def _pump(self, events: int, sock: socket.socket, other: socket.socket,
               inbound: Flow[B], outbound: Flow[B]) -> None:
         """``sock`` is ready: send ``outbound`` to it and/or read ``inbound`` from it."""
+        if events & EVENT_ERROR:
+            self._on_quiet_socket_event(sock)
+            return
         try:
             if events & EVENT_WRITE:
                 self._send(outbound, sock)
@@ -258,6 +265,10 @@ class Session(Generic[B]):
                 self._receive(inbound, sock, other)
         except netio.PeerGone as exc:
             self.close("reset", reset=True, detail=str(exc))
+            return
+        except netio.LocalResourceError as exc:
+            self.close("no-resources", reset=True, detail=str(exc))
+            self._ctx.on_no_resources(str(exc))
             return
         except OSError as exc:
             if netio.is_peer_gone(exc):
@@ -282,6 +293,16 @@ class Session(Generic[B]):
             self.close("done", reset=False)
         else:
             self._update_interest()
+
+    def _on_quiet_socket_event(self, sock: socket.socket) -> None:
+        """An error or hang-up on a side we are neither reading nor writing
+        (it sent FIN, or its sender is paused): a reset closes the pair now;
+        a plain hang-up (both directions shut) just stops the reports."""
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.close("reset", reset=True, detail=os.strerror(err))
+        else:
+            self._ctx.loop.mute(sock.fileno())
 
     def _receive(self, flow: Flow[B], src: socket.socket, dst: socket.socket) -> None:
         raise NotImplementedError
@@ -429,7 +450,7 @@ class SpliceSession(Session[PipeBuffer]):
         except OSError as exc:
             # No descriptors for a pipe: this connection cannot go on, the
             # proxy can (accept pauses on the same shortage).
-            raise netio.PeerGone(f"no pipe: {exc.strerror or exc}") from exc
+            raise netio.LocalResourceError(f"no pipe: {exc.strerror or exc}") from exc
         try:
             nbytes = os.splice(  # novermin: only used where splice_available()
                 src.fileno(), write_end, pipe.free, flags=SPLICE_FLAGS)

@@ -291,3 +291,38 @@ def test_sigterm_drains_open_stream_then_exits_zero(proxies: ProxyFactory,
         sock.sendall(b"two")             # the open stream keeps flowing
         assert recv_exactly(sock, 3) == b"two"
     assert proxy.wait() == 0
+
+
+def test_reset_after_half_close_reaches_the_target(proxies: ProxyFactory) -> None:
+    # The client ends its side, then resets: the proxy no longer reads or
+    # writes that socket (nothing to send it), yet must see the reset.
+    listener = socket.socket()
+    listener.bind((HOST, 0))
+    listener.listen(8)
+    try:
+        proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [
+            f"{HOST}:{listener.getsockname()[1]}"]}])
+        client = connect(ports["a"][0])
+        client.sendall(b"request")
+        client.shutdown(socket.SHUT_WR)
+        listener.settimeout(10)
+        target, _ = listener.accept()
+        with target:
+            target.settimeout(10)
+            assert recv_until_eof(target) == b"request"  # the FIN went through
+            reset(client)                                # then the reset
+            # Without the error watch this waits for the half-open timeout (60 s).
+            proxy.wait_for_line(r"end=reset", timeout_s=5)
+            # After its FIN, a reset shows on the target's socket as a broken pipe.
+            wait_until(lambda: target.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+                       or not _can_send(target), message="the target side to be reset")
+    finally:
+        listener.close()
+
+
+def _can_send(sock: socket.socket) -> bool:
+    try:
+        sock.send(b"x")
+        return True
+    except (BrokenPipeError, ConnectionResetError):
+        return False

@@ -10,16 +10,19 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
 import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from rawproxy.loop import _COMPACT_MIN_CANCELLED, EVENT_READ, EVENT_WRITE, EventLoop
+from rawproxy.loop import (_COMPACT_MIN_CANCELLED, EVENT_ERROR, EVENT_READ, EVENT_WRITE,
+                           EventLoop)
 
 WAIT_S = 10.0
 
@@ -499,4 +502,35 @@ def test_a_stale_event_never_reaches_a_socket_that_reused_the_fd() -> None:
                 loop.unwatch(reader.fileno())
                 reader.close()
             writer.close()
+        loop.close()
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="the error watch is Linux's")
+def test_a_reset_on_an_fd_with_an_empty_mask_is_reported_once_muted() -> None:
+    loop = EventLoop()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    server, _ = listener.accept()
+    seen: list[int] = []
+    try:
+        loop.watch(server.fileno(), seen.append)
+        loop.set_interest(server.fileno(), EVENT_READ)
+        loop.set_interest(server.fileno(), 0)  # not reading: only the error watch
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            loop.run_once(max_wait_s=0.1)
+        assert seen and seen[0] & EVENT_ERROR
+        loop.mute(server.fileno())
+        count = len(seen)
+        for _ in range(3):
+            loop.run_once(max_wait_s=0.01)
+        assert len(seen) == count, "a muted fd kept reporting"
+    finally:
+        loop.unwatch(server.fileno())
+        server.close()
+        listener.close()
         loop.close()

@@ -13,19 +13,25 @@ from the client until a target is connected: the kernel holds the client's
 early bytes, in order, and the relay delivers them first.
 
 RELAYING moves bytes with the sans-IO :class:`~rawproxy.relay.Relay`: a
-readable side is read into its flow's ring and the ring is sent on at once,
-so write interest is registered only for leftovers.  FIN becomes
-``shutdown(SHUT_WR)`` toward the other side; reset or error on either side
-aborts both (RST where the OS allows).  Every socket is closed exactly once,
-in :meth:`Session.close`.
+readable side is read into its flow's buffer and the buffer is sent on at
+once, so write interest is registered only for leftovers, and in the steady
+state (nothing held, no FIN) the interest is not even recomputed.  FIN
+becomes ``shutdown(SHUT_WR)`` toward the other side; reset or error on
+either side aborts both (RST where the OS allows), including a side that is
+neither read nor written (``EVENT_ERROR`` from the loop's error watch).
+Every socket is closed exactly once, in :meth:`Session.close`.
+
+:class:`Session` holds the logic; :class:`CopySession` moves bytes with
+``recv_into``/``send`` through a ring, :class:`SpliceSession` with
+``splice(2)`` through a pipe.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import socket
 import os
+import socket
 from typing import Any, Callable, Generic, Optional, TypeVar
 
 from . import netio, proxyproto

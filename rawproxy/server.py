@@ -9,8 +9,9 @@ A listener is paused (its read interest dropped; clients wait in the
 kernel's backlog, they are not refused) while any of these holds:
 
 * its app has ``MaxConnections`` sessions open;
-* accept failed for lack of descriptors or memory (retried after a short
-  pause, so the loop neither spins nor crashes);
+* accept, or a session's target socket or pipe, failed for lack of
+  descriptors or memory (retried after a short pause, so the loop neither
+  spins nor crashes);
 
 Reload (SIGHUP) swaps in a new validated config: listeners for new ports
 are opened first (if one cannot be bound, the reload is rejected whole and

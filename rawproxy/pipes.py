@@ -120,13 +120,15 @@ class PipeBuffer(HeldBytes):
         self._full = True
 
     def commit(self, nbytes: int) -> None:
-        self._check_commit(nbytes)
+        if nbytes < 0 or nbytes > self.capacity - self.held:
+            raise self._bad_commit(nbytes)
         self.held += nbytes
         if self.held == 0:
             self._release()
 
     def advance(self, nbytes: int) -> None:
-        self._check_advance(nbytes)
+        if nbytes < 0 or nbytes > self.held:
+            raise self._bad_advance(nbytes)
         self.held -= nbytes
         if nbytes:
             self._full = False

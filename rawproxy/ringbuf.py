@@ -78,13 +78,13 @@ class HeldBytes:
     def is_empty(self) -> bool:
         return self.held == 0
 
-    def _check_commit(self, nbytes: int) -> None:
-        if nbytes < 0 or nbytes > self.capacity - self.held:
-            raise ValueError(f"commit({nbytes}) with {self.free} bytes free")
+    # The callers test the range inline (a call per byte count would cost
+    # the hot path) and call these only to raise.
+    def _bad_commit(self, nbytes: int) -> ValueError:
+        return ValueError(f"commit({nbytes}) with {self.free} bytes free")
 
-    def _check_advance(self, nbytes: int) -> None:
-        if nbytes < 0 or nbytes > self.held:
-            raise ValueError(f"advance({nbytes}) with {self.held} bytes held")
+    def _bad_advance(self, nbytes: int) -> ValueError:
+        return ValueError(f"advance({nbytes}) with {self.held} bytes held")
 
     def _check_append(self, data: bytes) -> None:
         if len(data) > self.free:
@@ -133,7 +133,8 @@ class RingBuffer(HeldBytes):
 
     def commit(self, nbytes: int) -> None:
         """Record that ``nbytes`` were written into the last ``writable()``."""
-        self._check_commit(nbytes)
+        if nbytes < 0 or nbytes > self.capacity - self.held:
+            raise self._bad_commit(nbytes)
         self.held += nbytes
         if self.held == 0:
             # recv_into wrote nothing (EOF or error): do not pin the storage.
@@ -151,7 +152,8 @@ class RingBuffer(HeldBytes):
 
     def advance(self, nbytes: int) -> None:
         """Record that ``nbytes`` from the last ``readable()`` were consumed."""
-        self._check_advance(nbytes)
+        if nbytes < 0 or nbytes > self.held:
+            raise self._bad_advance(nbytes)
         self.held -= nbytes
         if self.held == 0:
             self._release()

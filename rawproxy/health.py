@@ -59,21 +59,18 @@ class _Check:
         self._connect_next()
 
     def _connect_next(self) -> None:
-        while self._addresses:
-            family, sockaddr = self._addresses.pop(0)
-            try:
-                self._sock = netio.start_connect(family, sockaddr)
-            except netio.ConnectFailed as exc:
-                self._reason = exc.reason
-                continue
-            except netio.LocalResourceError:
-                self.cancel()  # no verdict: the shortage is ours, not the target's
-                return
-            self._fd = self._sock.fileno()
-            self._loop.watch(self._fd, self._on_writable)
-            self._loop.set_interest(self._fd, EVENT_WRITE)
+        try:
+            sock, reason = netio.connect_next(self._addresses, self._reason)
+        except netio.LocalResourceError:
+            self.cancel()  # no verdict: the shortage is ours, not the target's
             return
-        self._finish(False, self._reason)
+        if sock is None:
+            self._finish(False, reason)
+            return
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop.watch(self._fd, self._on_writable)
+        self._loop.set_interest(self._fd, EVENT_WRITE)
 
     def _on_writable(self, events: int) -> None:
         sock = self._sock

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
@@ -130,6 +130,24 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
         sock.close()
         raise ConnectFailed(connect_reason(err))
     return sock
+
+
+def connect_next(addresses: list[tuple[int, SockAddr]],
+                 reason: str = "no address") -> tuple[Optional[socket.socket], str]:
+    """Start connecting to the first address that does not fail at once.
+
+    Tried addresses are popped from ``addresses``.  Returns the socket (or
+    None when every address failed) and the latest failure's reason
+    (``reason``, the caller's last one, if no address was left to try).
+    Raises :class:`LocalResourceError` when no socket can be had at all.
+    """
+    while addresses:
+        family, sockaddr = addresses.pop(0)
+        try:
+            return start_connect(family, sockaddr), reason
+        except ConnectFailed as exc:
+            reason = exc.reason
+    return None, reason
 
 
 def finish_connect(sock: socket.socket) -> bool:

@@ -147,24 +147,20 @@ class Session(Generic[B]):
         self._connect_next_address()
 
     def _connect_next_address(self) -> None:
-        while self._addresses:
-            family, sockaddr = self._addresses.pop(0)
-            try:
-                sock = netio.start_connect(family, sockaddr)
-            except netio.ConnectFailed as exc:
-                self._last_error = exc.reason
-                continue
-            except netio.LocalResourceError as exc:
-                self.close("no-resources", reset=True, detail=str(exc))
-                self._ctx.on_no_resources(str(exc))
-                return
-            self._target_sock = sock
-            self._target_fd = sock.fileno()
-            loop = self._ctx.loop
-            loop.watch(self._target_fd, self._on_target_events)
-            loop.set_interest(self._target_fd, EVENT_WRITE)
+        try:
+            sock, reason = netio.connect_next(self._addresses, self._last_error or "no address")
+        except netio.LocalResourceError as exc:
+            self.close("no-resources", reset=True, detail=str(exc))
+            self._ctx.on_no_resources(str(exc))
             return
-        self._target_failed(self._last_error or "no address")
+        if sock is None:
+            self._target_failed(reason)
+            return
+        self._target_sock = sock
+        self._target_fd = sock.fileno()
+        loop = self._ctx.loop
+        loop.watch(self._target_fd, self._on_target_events)
+        loop.set_interest(self._target_fd, EVENT_WRITE)
 
     def _drop_target_socket(self) -> None:
         sock = self._target_sock

@@ -161,11 +161,40 @@ def test_start_connect_then_finish_connect(listener: socket.socket) -> None:
     try:
         assert sock.getblocking() is False
         wait_writable(sock)
-        netio.finish_connect(sock)
+        assert netio.finish_connect(sock) is True
         server, _ = listener.accept()
         server.close()
     finally:
         sock.close()
+
+
+def test_finish_connect_says_not_yet_while_connecting() -> None:
+    # A socket that never connected has SO_ERROR 0 too: the peer name decides.
+    with socket.socket() as sock:
+        assert netio.finish_connect(sock) is False
+
+
+def test_connect_next_skips_addresses_that_fail_at_once(
+        listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_start = netio.start_connect
+    refused = ("127.0.0.2", 9)  # never contacted: the fake refuses it at once
+
+    def start(family: int, sockaddr: netio.SockAddr) -> socket.socket:
+        if sockaddr == refused:
+            raise ConnectFailed("refused")
+        return real_start(family, sockaddr)
+
+    monkeypatch.setattr(netio, "start_connect", start)
+    addresses: list[tuple[int, netio.SockAddr]] = [
+        (socket.AF_INET, refused), (socket.AF_INET, listener.getsockname())]
+    sock, _ = netio.connect_next(addresses)
+    assert sock is not None and addresses == []
+    sock.close()
+    assert netio.connect_next([(socket.AF_INET, refused)]) == (None, "refused")
+
+
+def test_connect_next_reports_the_caller_reason_when_nothing_is_left() -> None:
+    assert netio.connect_next([], "timeout") == (None, "timeout")
 
 
 def test_set_nodelay(connected: tuple[socket.socket, socket.socket]) -> None:

@@ -1,6 +1,7 @@
 """Unit tests for rawproxy.loop: timers on a fake clock, fds on a socketpair.
 
-The only sockets are ``socket.socketpair()`` (no network).  Nothing sleeps:
+The sockets are ``socket.socketpair()``s, plus one TCP pair on 127.0.0.1 for
+the error watch (a reset needs TCP).  Nothing sleeps:
 ``run_once(max_wait_s=0)`` polls, and waits that must block are bounded by a
 ``max_wait_s`` and checked against a deadline.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -46,6 +47,36 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def stable_ports(count: int) -> list[int]:
+    """Free ports below the kernel's ephemeral range.
+
+    For a listener that is stopped and started again on the same port (a
+    backend killed by a test): a port from the ephemeral range may be taken
+    meanwhile as the source port of some outgoing connection, and then it
+    cannot be bound again.  Ports below the range are never handed out so.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+            low = int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = list(range(max(1024, low - 16384), low))
+    random.shuffle(candidates)
+    chosen: list[int] = []
+    for port in candidates:
+        probe = socket.socket()
+        try:
+            probe.bind((HOST, port))
+        except OSError:
+            continue
+        finally:
+            probe.close()
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def dead_port() -> int:

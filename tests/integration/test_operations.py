@@ -20,7 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (HOST, REPO, Backend, ProxyFactory, ProxyProcess, connect,
-                           dead_port, free_ports, recv_exactly, recv_until_eof, wait_until)
+                           dead_port, free_ports, recv_exactly, recv_until_eof, stable_ports,
+                           wait_until)
 
 BackendFactory = Callable[..., Backend]
 
@@ -358,7 +359,7 @@ def test_allow_from_resets_other_clients(proxies: ProxyFactory, backend: Backend
 def test_health_check_marks_a_dead_target_down_and_back_up(
         proxies: ProxyFactory, backend: BackendFactory) -> None:
     live = backend("name", name="live")
-    (revived_port,) = free_ports(1)
+    (revived_port,) = stable_ports(1)  # bound again later: keep it out of the ephemeral range
     revived = f"{HOST}:{revived_port}"
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1,
                                    "HealthCheck": {"Interval": 0.2, "Timeout": 0.5},

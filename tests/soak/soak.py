@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Callable, Optional, Sequence
 
-from tests.support import HOST, ProxyFactory, ProxyProcess, free_ports, wait_until
+from tests.support import HOST, ProxyFactory, ProxyProcess, stable_ports, wait_until
 
 ECHO_SERVER = Path(__file__).resolve().with_name("echo_server.py")
 MiB = 1 << 20
@@ -459,7 +459,7 @@ class Soak:
         self.metrics = Metrics("")
 
     def start(self) -> None:
-        for port in free_ports(3):
+        for port in stable_ports(3):  # they are killed and restarted on the same port
             backend = EchoBackend(port)
             backend.start()
             self.backends.append(backend)

@@ -80,7 +80,7 @@ def test_reload_adds_an_app_and_removes_a_port(proxies: ProxyFactory,
     a, b = backend("name", name="a"), backend("name", name="b")
     proxy, ports = proxies.start([{"Name": "a", "Ports": 2, "Targets": [a.address]}])
     kept, dropped = ports["a"]
-    (added,) = free_ports(1)
+    (added,) = stable_ports(1)  # bound by the reload, later
     reload(proxy, [{"Name": "a", "Ports": [kept], "Targets": [a.address]},
                    {"Name": "b", "Ports": [added], "Targets": [b.address]}])
     assert name_of(kept) == "a"
@@ -108,7 +108,7 @@ def test_port_moved_between_apps_never_refuses(proxies: ProxyFactory,
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
-        reload(proxy, [{"Name": "a", "Ports": [dead_port()], "Targets": [a.address]},
+        reload(proxy, [{"Name": "a", "Ports": stable_ports(1), "Targets": [a.address]},
                        {"Name": "b", "Ports": [ports["b"][0], moving], "Targets": [b.address]}])
     finally:
         stop.set()

@@ -16,7 +16,7 @@ from typing import Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, free_ports,
-                           recv_until_eof, wait_until)
+                           recv_until_eof, stable_ports, wait_until)
 
 BackendFactory = Callable[..., Backend]
 
@@ -50,7 +50,7 @@ def get(port: int, path: str) -> str:
 
 def test_two_workers_share_the_ports_and_the_metrics(proxies: ProxyFactory,
                                                      backend: BackendFactory) -> None:
-    (admin,) = free_ports(1)
+    (admin,) = stable_ports(1)
     proxy, ports = proxies.start([{"Name": "a", "Ports": 2, "Targets": [backend().address]}],
                                  "--workers", "2", "--admin", f"{HOST}:{admin}")
     wait_until(lambda: len(worker_pids(proxy)) == 2)
@@ -118,12 +118,12 @@ def test_workers_report_a_busy_port_once_and_exit_1(tmp_path: Path) -> None:
 
 def test_a_restarted_worker_serves_the_reloaded_config(proxies: ProxyFactory,
                                                        backend: BackendFactory) -> None:
-    (admin,) = free_ports(1)
+    (admin,) = stable_ports(1)
     target = backend().address
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [target]}],
                                  "--workers", "2", "--admin", f"{HOST}:{admin}")
     wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
-    (added,) = free_ports(1)
+    (added,) = stable_ports(1)  # bound by the reload, later
     proxy.config_path.write_text(json.dumps({"Apps": [
         {"Name": "a", "Ports": [ports["a"][0], added], "Targets": [target]}]}))
     proxy.signal(signal.SIGHUP)

@@ -111,13 +111,19 @@ class _AdminConnection:
         except OSError:
             self.close()
 
-    def _read(self) -> None:
+    def _recv(self) -> bytes:
+        """What arrived (b"" if nothing yet); closes the connection at EOF."""
         try:
             data = self.sock.recv(MAX_REQUEST_BYTES)
         except netio.WOULD_BLOCK:
-            return
+            return b""
         if not data:
             self.close()
+        return data
+
+    def _read(self) -> None:
+        data = self._recv()
+        if not data:
             return
         self._request += data
         end = self._request.find(b"\r\n\r\n")
@@ -149,12 +155,7 @@ class _AdminConnection:
             self._admin.loop.set_interest(self.fd, EVENT_READ)
 
     def _discard(self) -> None:
-        try:
-            data = self.sock.recv(MAX_REQUEST_BYTES)
-        except netio.WOULD_BLOCK:
-            return
-        if not data:
-            self.close()
+        self._recv()
 
     def _on_timeout(self) -> None:
         self._timer = None

@@ -12,6 +12,8 @@ temporary directory, and stopped with SIGTERM afterwards:
   by default: nginx would then end both directions at the client's FIN and
   lose the tail of the echo, failing integrity);
 * ``asyncio`` / ``uvloop`` -- :mod:`benchmarks.asyncio_proxy`;
+* ``threads`` -- :mod:`benchmarks.thread_proxy`, two threads per connection
+  (the design rawproxy rejected; in the table to measure why);
 * ``rawproxy-w2`` -- rawproxy ``--workers 2`` on both cores (not run by
   default; only where rawproxy has ``--workers``).
 
@@ -183,6 +185,11 @@ def _uvloop_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
     return _asyncio_argv(ctx, port, target) + ["--uvloop"]
 
 
+def _threads_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
+    return [sys.executable, str(HERE / "thread_proxy.py"),
+            "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target}"]
+
+
 def _uvloop_check() -> Optional[str]:
     if importlib.util.find_spec("uvloop") is None:
         return f"uvloop not importable by {sys.executable} (pip install uvloop)"
@@ -196,5 +203,6 @@ PEERS: tuple[Peer, ...] = (
     Peer("nginx", _nginx_argv, _nginx_stream_check),
     Peer("asyncio", _asyncio_argv, _always),
     Peer("uvloop", _uvloop_argv, _uvloop_check),
+    Peer("threads", _threads_argv, _always),
     Peer("rawproxy-w2", _rawproxy_w2_argv, _rawproxy_has_workers, cpus="0,1", default=False),
 )

@@ -93,6 +93,9 @@ def parse_wrk(text: str) -> Metrics:
     if rps is None:
         raise BenchError(f"wrk printed no Requests/sec: {text.strip()[-200:]}")
     metrics: Metrics = {"conn_rps": float(rps.group(1)), "errors": 0.0}
+    done = _find(r"^\s*(\d+) requests in ", text)
+    if done is not None:
+        metrics["requests"] = float(done.group(1))
     p99 = _find(r"^\s+99%\s+(\S+)", text)
     if p99 is not None:
         metrics["p99_ms"] = _duration_ms(p99.group(1))

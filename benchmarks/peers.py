@@ -15,7 +15,10 @@ temporary directory, and stopped with SIGTERM afterwards:
 * ``threads`` -- :mod:`benchmarks.thread_proxy`, two threads per connection
   (the design rawproxy rejected; in the table to measure why);
 * ``rawproxy-w2`` -- rawproxy ``--workers 2`` on both cores (not run by
-  default; only where rawproxy has ``--workers``).
+  default; only where rawproxy has ``--workers``);
+* ``rawproxy-copy`` -- rawproxy ``--no-splice``: bytes through Python's
+  ``recv_into``/``send``, the path on Python 3.9 and off Linux (not run by
+  default).
 
 ``unavailable()`` says why a peer cannot run here (its binary is missing),
 so the harness skips it with a note instead of failing.
@@ -140,6 +143,10 @@ def _rawproxy_w2_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
     return _rawproxy_argv(ctx, port, target, ("--workers", "2"))
 
 
+def _rawproxy_copy_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
+    return _rawproxy_argv(ctx, port, target, ("--no-splice",))
+
+
 def _rawproxy_has_workers() -> Optional[str]:
     help_text = subprocess.run([sys.executable, str(ROOT / "rawproxy.py"), "--help"],
                                capture_output=True, text=True, check=False).stdout
@@ -205,4 +212,5 @@ PEERS: tuple[Peer, ...] = (
     Peer("uvloop", _uvloop_argv, _uvloop_check),
     Peer("threads", _threads_argv, _always),
     Peer("rawproxy-w2", _rawproxy_w2_argv, _rawproxy_has_workers, cpus="0,1", default=False),
+    Peer("rawproxy-copy", _rawproxy_copy_argv, _always, default=False),
 )

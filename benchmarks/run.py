@@ -38,7 +38,7 @@ from benchmarks import procs  # noqa: E402
 from benchmarks.backends import Backends  # noqa: E402
 from benchmarks.peers import PEERS, Peer, PeerContext  # noqa: E402
 from benchmarks.report import Record, Summary, render_table, write_json  # noqa: E402
-from benchmarks.workloads import BACKEND, TOOL, WORKLOADS, Settings, measure  # noqa: E402
+from benchmarks.workloads import BACKEND, TOOL, WORKLOADS, Settings, cpu_metrics, measure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
@@ -150,8 +150,13 @@ def measure_once(round_no: int, workload: str, peer: Peer, backends: Backends,
         if not peer.is_direct:
             port = procs.free_port()
             proc = peer.start(ctx, port, target)
+        cpu_before = proc.cpu_s() if proc is not None else 0.0
+        started = time.monotonic()
         metrics, problem = measure(workload, port, peer.name, settings,
                                    proc.rss_kib if proc is not None else None)
+        if proc is not None:
+            metrics.update(cpu_metrics(workload, metrics, proc.cpu_s() - cpu_before,
+                                       time.monotonic() - started))
         record = Record(round_no, workload, peer.name, metrics, problem)
     except (procs.BenchError, OSError) as exc:
         record = Record(round_no, workload, peer.name, error=str(exc))

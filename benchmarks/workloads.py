@@ -42,6 +42,26 @@ class Settings:
         return int(min(2_000_000, max(5_000, rps * self.seconds / REDIS_TESTS_RUN)))
 
 
+def cpu_metrics(name: str, metrics: dict[str, float], cpu_s: float,
+                wall_s: float) -> dict[str, float]:
+    """The proxy's CPU over one measurement, per unit of the workload's work.
+
+    ``cpu_pct`` is of one core; per unit: microseconds per redis request
+    (every test of the run), per churned connection, and CPU seconds per GB
+    relayed in bulk.  A unit whose count is missing is left out.
+    """
+    out = {"cpu_s": cpu_s}
+    if wall_s > 0:
+        out["cpu_pct"] = 100.0 * cpu_s / wall_s
+    if name == "reqresp" and metrics.get("requests_per_test"):
+        out["cpu_us_per_req"] = cpu_s * 1e6 / (metrics["requests_per_test"] * REDIS_TESTS_RUN)
+    elif name == "churn" and metrics.get("requests"):
+        out["cpu_us_per_conn"] = cpu_s * 1e6 / metrics["requests"]
+    elif name in ("bulk1", "bulk4") and metrics.get("bytes"):
+        out["cpu_s_per_gb"] = cpu_s / (metrics["bytes"] / 1e9)
+    return out
+
+
 def measure(name: str, port: int, peer: str, settings: Settings,
             rss_kib: Optional[Callable[[], int]]) -> Outcome:
     if name in ("bulk1", "bulk4"):

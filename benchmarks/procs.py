@@ -158,9 +158,10 @@ class Proc:
         """VmRSS of the process and its descendants (nginx's worker, say)."""
         return sum(_vmrss_kib(pid) for pid in _tree(self.pid))
 
-    def cpu_s(self) -> float:
-        """User + system CPU seconds of the process and its live descendants."""
-        return sum(_cpu_ticks(pid) for pid in _tree(self.pid)) / _CLOCK_TICKS
+    def cpu_times(self) -> tuple[float, float]:
+        """(user, system) CPU seconds of the process and its live descendants."""
+        ticks = [_cpu_ticks(pid) for pid in _tree(self.pid)]
+        return (sum(t[0] for t in ticks) / _CLOCK_TICKS, sum(t[1] for t in ticks) / _CLOCK_TICKS)
 
     def stop(self, timeout_s: float = 5.0) -> Optional[int]:
         """SIGTERM, then SIGKILL after ``timeout_s``; the exit status."""
@@ -192,18 +193,18 @@ def _tree(root: int) -> list[int]:
 _CLOCK_TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
 
-def parse_stat_cpu_ticks(stat: str) -> int:
-    """utime + stime from a /proc/PID/stat line (the name may hold spaces)."""
+def parse_stat_cpu_ticks(stat: str) -> tuple[int, int]:
+    """(utime, stime) from a /proc/PID/stat line (the name may hold spaces)."""
     fields = stat[stat.rindex(")") + 2:].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
 
 
-def _cpu_ticks(pid: int) -> int:
+def _cpu_ticks(pid: int) -> tuple[int, int]:
     try:
         return parse_stat_cpu_ticks(Path(f"/proc/{pid}/stat").read_text())
     except (OSError, ValueError, IndexError):
-        return 0
+        return 0, 0
 
 
 def _vmrss_kib(pid: int) -> int:

@@ -150,12 +150,14 @@ def measure_once(round_no: int, workload: str, peer: Peer, backends: Backends,
         if not peer.is_direct:
             port = procs.free_port()
             proc = peer.start(ctx, port, target)
-        cpu_before = proc.cpu_s() if proc is not None else 0.0
+        user_before, system_before = proc.cpu_times() if proc is not None else (0.0, 0.0)
         started = time.monotonic()
         metrics, problem = measure(workload, port, peer.name, settings,
                                    proc.rss_kib if proc is not None else None)
         if proc is not None:
-            metrics.update(cpu_metrics(workload, metrics, proc.cpu_s() - cpu_before,
+            user_after, system_after = proc.cpu_times()
+            metrics.update(cpu_metrics(workload, metrics, user_after - user_before,
+                                       system_after - system_before,
                                        time.monotonic() - started))
         record = Record(round_no, workload, peer.name, metrics, problem)
     except (procs.BenchError, OSError) as exc:

@@ -42,15 +42,20 @@ class Settings:
         return int(min(2_000_000, max(5_000, rps * self.seconds / REDIS_TESTS_RUN)))
 
 
-def cpu_metrics(name: str, metrics: dict[str, float], cpu_s: float,
+def cpu_metrics(name: str, metrics: dict[str, float], user_s: float, system_s: float,
                 wall_s: float) -> dict[str, float]:
     """The proxy's CPU over one measurement, per unit of the workload's work.
 
-    ``cpu_pct`` is of one core; per unit: microseconds per redis request
+    ``cpu_pct`` is of one core and ``cpu_user_pct`` the share of the CPU
+    spent in user space (the interpreter, for the Python proxies; the rest
+    is the kernel's socket work); per unit: microseconds per redis request
     (every test of the run), per churned connection, and CPU seconds per GB
     relayed in bulk.  A unit whose count is missing is left out.
     """
+    cpu_s = user_s + system_s
     out = {"cpu_s": cpu_s}
+    if cpu_s > 0:
+        out["cpu_user_pct"] = 100.0 * user_s / cpu_s
     if wall_s > 0:
         out["cpu_pct"] = 100.0 * cpu_s / wall_s
     if name == "reqresp" and metrics.get("requests_per_test"):

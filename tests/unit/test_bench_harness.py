@@ -52,11 +52,11 @@ def test_iperf3_error_document_is_a_bench_error() -> None:
         loadgen.parse_iperf3('{"error": "the server is busy"}')
 
 
-def test_stat_line_with_spaces_in_the_name_gives_user_plus_system_ticks() -> None:
+def test_stat_line_with_spaces_in_the_name_gives_user_and_system_ticks() -> None:
     # Fields 14 and 15 (utime, stime) are 250 and 50; the name has ") (" in it.
     stat = ("4242 (py (worker) 1) S 1 4242 4242 0 -1 4194304 900 0 0 0 "
             "250 50 0 0 20 0 3 0 100 1000 200")
-    assert procs.parse_stat_cpu_ticks(stat) == 300
+    assert procs.parse_stat_cpu_ticks(stat) == (250, 50)
 
 
 @pytest.mark.parametrize("name, metrics, key, expected", [
@@ -68,13 +68,15 @@ def test_stat_line_with_spaces_in_the_name_gives_user_plus_system_ticks() -> Non
 ])
 def test_cpu_is_divided_by_the_work_done(name: str, metrics: dict[str, float], key: str,
                                          expected: float) -> None:
-    derived = workloads.cpu_metrics(name, metrics, cpu_s=0.4, wall_s=2.0)
+    derived = workloads.cpu_metrics(name, metrics, user_s=0.1, system_s=0.3, wall_s=2.0)
     assert derived[key] == pytest.approx(expected)
     assert derived["cpu_pct"] == pytest.approx(20.0)
+    assert derived["cpu_user_pct"] == pytest.approx(25.0)
 
 
 def test_cpu_per_unit_is_left_out_when_the_count_is_missing() -> None:
-    assert workloads.cpu_metrics("churn", {}, cpu_s=1.0, wall_s=0.0) == {"cpu_s": 1.0}
+    assert workloads.cpu_metrics("churn", {}, user_s=0.0, system_s=0.0, wall_s=0.0) == \
+        {"cpu_s": 0.0}
 
 
 def test_summary_takes_medians_ratios_and_marks_errors() -> None:

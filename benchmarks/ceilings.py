@@ -16,7 +16,8 @@ prints medians over ``N`` repeats (default 5):
   leaves the machine: the time to answer 20 distinct names, and 20 lookups
   of one name.
 
-Everything listens on 127.0.0.1; the proxy is stopped by its PID.
+Everything listens on 127.0.0.1 (the targets are the test suite's ``Backend``
+and ``Blackhole``); the proxy is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import queue
-import select
 import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -39,6 +38,7 @@ if __package__ in (None, ""):  # run as a file
 
 from benchmarks.procs import Proc, free_port  # noqa: E402
 from rawproxy.resolver import Resolution, Resolver  # noqa: E402
+from tests.support import Backend, Blackhole, dead_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -46,66 +46,6 @@ PAYLOAD = bytes(range(64))
 CONNECT_TIMEOUT_S = 0.5
 LOOKUP_DELAY_S = 0.05
 LOOKUPS = 20
-
-
-class EchoTarget:
-    """A live target: a thread that echoes on every connection."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server((HOST, 0))
-        self.port: int = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
-        with conn:
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                conn.sendall(data)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-class SilentTarget:
-    """A listener whose accept queue is full: new SYNs are dropped."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind((HOST, 0))
-        self.listener.listen(0)
-        self.port: int = self.listener.getsockname()[1]
-        self.fillers: list[socket.socket] = []
-        while len(self.fillers) <= 16:
-            sock = socket.socket()
-            sock.setblocking(False)
-            self.fillers.append(sock)
-            sock.connect_ex((HOST, self.port))
-            if not select.select([], [sock], [], 0.3)[1]:
-                return
-        raise RuntimeError("the accept queue never filled")
-
-    def close(self) -> None:
-        for sock in [*self.fillers, self.listener]:
-            sock.close()
-
-
-def refused_port() -> int:
-    """A port nothing listens on (bound, then closed)."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def echo_ms(port: int) -> float:
@@ -144,11 +84,11 @@ def first_and_next_ms(workdir: Path, first_pick: Optional[int], live: int) -> tu
 
 
 def failover(repeat: int) -> list[tuple[str, float, float]]:
-    live, silent = EchoTarget(), SilentTarget()
+    live, silent = Backend("echo"), Blackhole()
     rows = []
     try:
         with tempfile.TemporaryDirectory(prefix="rawproxy-ceilings-") as tmp:
-            for label, pick in (("live target", None), ("refused target", refused_port()),
+            for label, pick in (("live target", None), ("refused target", dead_port()),
                                 (f"silent target, ConnectTimeout {CONNECT_TIMEOUT_S:g} s",
                                  silent.port)):
                 runs = [first_and_next_ms(Path(tmp), pick, live.port) for _ in range(repeat)]

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -193,6 +194,32 @@ class Backend:
             except OSError:
                 pass
         self._thread.join(5)
+
+
+class Blackhole:
+    """A listener whose accept queue is full: further connects hang (SYN dropped)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind((HOST, 0))
+        self.listener.listen(0)
+        self.port: int = self.listener.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        while True:
+            sock = socket.socket()
+            sock.setblocking(False)
+            self.fillers.append(sock)
+            sock.connect_ex((HOST, self.port))
+            _, writable, _ = select.select([], [sock], [], 0.3)
+            if not writable:
+                return  # this connect hangs: the queue is full, SYNs are dropped
+            if len(self.fillers) > 16:
+                raise RuntimeError("accept queue never filled")
+
+    def close(self) -> None:
+        for sock in self.fillers:
+            sock.close()
+        self.listener.close()
 
 
 class ProxyProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import os
-import select
 import shutil
 import socket
 import time
@@ -13,7 +12,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.support import (HOST, Backend, ProxyFactory, connect, dead_port, recv_exactly,
+from tests.support import (HOST, Backend, Blackhole, ProxyFactory, connect, dead_port, recv_exactly,
                            recv_until_eof)
 
 BackendFactory = Callable[..., Backend]
@@ -123,32 +122,6 @@ def test_failover_from_unresolvable_name(proxies: ProxyFactory, backend: Backend
     payload = os.urandom(10_000)
     assert echo_once(ports["a"][0], payload) == payload
     proxy.wait_for_line(r"target bad\.target\.for\.testing:6003: connect failed: cannot resolve")
-
-
-class Blackhole:
-    """A listener whose accept queue is full: further connects hang (SYN dropped)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind((HOST, 0))
-        self.listener.listen(0)
-        self.port: int = self.listener.getsockname()[1]
-        self.fillers: list[socket.socket] = []
-        while True:
-            sock = socket.socket()
-            sock.setblocking(False)
-            self.fillers.append(sock)
-            sock.connect_ex((HOST, self.port))
-            _, writable, _ = select.select([], [sock], [], 0.3)
-            if not writable:
-                return  # this connect hangs: the queue is full, SYNs are dropped
-            if len(self.fillers) > 16:
-                raise RuntimeError("accept queue never filled")
-
-    def close(self) -> None:
-        for sock in self.fillers:
-            sock.close()
-        self.listener.close()
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ PY="$ROOT/.venv/bin/python"
 OUT=${LEVERS_OUT:-"$ROOT/benchmarks/results/levers"}
 ROUNDS=${LEVERS_ROUNDS:-3}
 # core (copy path only), splice, before and after the steady-state interest
-# skip, before and after the churn work (timer tuples, cached IP targets).
-COMMITS=${*:-"61b0d49 23401f0 f878100 8c30f71 0d98f4b 16ba7c2 HEAD"}
+# skip, before and after the churn work (timer tuples, cached IP targets),
+# and fe700f7, whose rawproxy/ is what shipped (name HEAD to add today's).
+COMMITS=${*:-"61b0d49 23401f0 f878100 8c30f71 0d98f4b 16ba7c2 fe700f7"}
 mkdir -p "$OUT"
 for commit in $COMMITS; do
     sha=$(git -C "$ROOT" rev-parse --short "$commit")

@@ -20,6 +20,7 @@ from typing import NoReturn, Optional, Sequence
 from . import __version__, metrics
 from .admin import AdminHandlers, AdminServer
 from .config import Config, ConfigError, FileConfigSource, format_summary
+from .logsink import LogSink, SinkHandler
 from .loop import EventLoop
 from .pipes import splice_available
 from .privileges import PrivilegeError, drop_privileges, lookup_identity, raise_fd_limit
@@ -145,8 +146,10 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def _configure_logging(level: str, log_format: str) -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
+def _configure_logging(level: str, log_format: str) -> SinkHandler:
+    # Lines go through a bounded queue and a writer thread: a stderr nobody
+    # reads must not stop the loop (see logsink).
+    handler = SinkHandler(LogSink(sys.stderr))
     if log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -159,6 +162,9 @@ def _configure_logging(level: str, log_format: str) -> logging.Handler:
 
 
 def _error(message: str) -> None:
+    # Queued log lines first, so the error comes after what led to it.
+    for handler in logging.getLogger("rawproxy").handlers:
+        handler.flush()
     print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
@@ -178,7 +184,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PrivilegeError as exc:
         _error(str(exc))
         return EXIT_USAGE
-    _configure_logging(args.log_level, args.log_format)
+    handler = _configure_logging(args.log_level, args.log_format)
+    try:
+        return _run(args, source, config, identity, handler)
+    finally:
+        handler.close()
+
+
+def _run(args: argparse.Namespace, source: FileConfigSource, config: Config,
+         identity: Optional[tuple[int, int]], handler: SinkHandler) -> int:
     log.info("rawproxy %s, file descriptor limit %d", __version__, raise_fd_limit())
     if args.workers > 1:
         def worker_main(index: int, control: socket.socket) -> int:
@@ -190,14 +204,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except ConfigError as exc:
                 log.warning("worker %d starts with the previous config: %s", index, exc)
                 current = config
-            return _serve(args, source, current, identity, (index, control))
+            return _serve(args, source, current, identity, handler, (index, control))
 
         return Supervisor(args.workers, worker_main, args.admin).run()
-    return _serve(args, source, config, identity)
+    return _serve(args, source, config, identity, handler)
 
 
 def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
-           identity: Optional[tuple[int, int]],
+           identity: Optional[tuple[int, int]], handler: SinkHandler,
            worker: Optional[tuple[int, socket.socket]] = None) -> int:
     """Run one proxy process; ``worker`` is (index, control socket) under --workers."""
     loop = EventLoop()
@@ -208,6 +222,12 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
                     reuse_port=worker is not None)
     log.info("relaying with %s", "splice (zero-copy)" if splice else "recv_into/send (copy)")
     reloader = Reloader(loop, server, source)
+
+    def snapshot() -> metrics.Snapshot:
+        snap = server.metrics_snapshot()
+        snap.log_lines_dropped = handler.sink.dropped
+        return snap
+
     admin: Optional[AdminServer] = None
     control: Optional[WorkerControl] = None
 
@@ -230,11 +250,11 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
             labels = (("worker", str(worker[0])),)
             control = WorkerControl(
                 loop, worker[1], worker[0],
-                lambda: metrics.render(server.metrics_snapshot(), labels),
+                lambda: metrics.render(snapshot(), labels),
                 server.config_view, lambda: server.drain(args.drain_timeout))
         elif args.admin is not None:
             handlers = AdminHandlers(lambda: server.draining,
-                                     lambda: metrics.render(server.metrics_snapshot()),
+                                     lambda: metrics.render(snapshot()),
                                      server.config_view)
             admin = AdminServer(loop, handlers, *args.admin)
             try:

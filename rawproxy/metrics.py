@@ -27,17 +27,21 @@ class TargetView:
 class Snapshot:
     """What the metrics need from the running server, at scrape time."""
 
-    __slots__ = ("stats", "active", "live_bytes_in", "live_bytes_out", "targets", "draining")
+    __slots__ = ("stats", "active", "live_bytes_in", "live_bytes_out", "targets", "draining",
+                 "log_lines_dropped")
 
     def __init__(self, stats: Stats, active: Mapping[str, int],
                  live_bytes_in: Mapping[str, int], live_bytes_out: Mapping[str, int],
-                 targets: Mapping[str, list[TargetView]], draining: bool) -> None:
+                 targets: Mapping[str, list[TargetView]], draining: bool,
+                 log_lines_dropped: int = 0) -> None:
         self.stats = stats
         self.active = active
         self.live_bytes_in = live_bytes_in
         self.live_bytes_out = live_bytes_out
         self.targets = targets
         self.draining = draining
+        # A process-wide count (the log sink's), filled in by whoever owns it.
+        self.log_lines_dropped = log_lines_dropped
 
 
 def _escape(value: str) -> str:
@@ -140,6 +144,9 @@ def render(snap: Snapshot, const_labels: tuple[tuple[str, str], ...] = ()) -> st
     out.sample("rawproxy_config_last_reload_successful", (), 1 if stats.last_reload_ok else 0)
     out.family("rawproxy_draining", "gauge", "1 while draining for shutdown.")
     out.sample("rawproxy_draining", (), 1 if snap.draining else 0)
+    out.family("rawproxy_log_lines_dropped_total", "counter",
+               "Log lines dropped because stderr was not taking them.")
+    out.sample("rawproxy_log_lines_dropped_total", (), snap.log_lines_dropped)
     out.family("rawproxy_process_start_time_seconds", "gauge",
                "Start time of the process since the Unix epoch, in seconds.")
     out.sample("rawproxy_process_start_time_seconds", (), stats.start_time)

@@ -169,6 +169,9 @@ class Supervisor:
             except BaseException:
                 log.exception("worker %d crashed", worker.index)
             finally:
+                # os._exit skips the handlers' close: flush queued log lines.
+                for handler in logging.getLogger("rawproxy").handlers:
+                    handler.flush()
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)

@@ -240,3 +240,39 @@ def test_unknown_user_exits_2_before_binding() -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == "rawproxy: error: --user: no such user 'no-such-user-here'"
 
+
+
+def test_stderr_nobody_reads_does_not_stop_the_proxy(tmp_path: Path, backend: BackendFactory) -> None:
+    """A full stderr pipe (a stuck log reader) must not block the event loop."""
+    echo = backend("echo")
+    path = tmp_path / "c.json"
+    port = write_config(path, [{"Name": "a", "Ports": 1, "Targets": [echo.address]}])["a"][0]
+    # stderr is a pipe this test does not read until the end: at --log-level
+    # debug every connection logs lines, far more than a pipe holds.
+    proc = subprocess.Popen(proxy_argv(path, "--log-level", "debug"), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def serves() -> bool:
+            try:
+                with connect(port, timeout_s=2) as sock:
+                    sock.sendall(b"up")
+                    return recv_exactly(sock, 2) == b"up"
+            except OSError:
+                return False
+
+        wait_until(serves, message="the proxy to listen")
+        for n in range(2000):
+            with connect(port, timeout_s=5) as sock:
+                payload = n.to_bytes(4, "big")
+                sock.sendall(payload)
+                assert recv_exactly(sock, 4) == payload, f"connection {n} not relayed"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert len(err) > 4 * 65536, "the log never outgrew the pipe: the test proves nothing"
+    access = [line for line in err.decode().splitlines() if "rawproxy.access" in line]
+    assert len(access) == 2001  # the readiness probe and the 2,000, nothing dropped

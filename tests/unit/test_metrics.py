@@ -74,7 +74,7 @@ def build_snapshot(stats: Stats, draining: bool = True) -> Snapshot:
                     targets={"web": [TargetView(WEB_TARGET, True, 0),
                                      TargetView(OTHER_TARGET, False, 3)],
                              "db": [TargetView("192.0.2.1:5432", True, 0)]},
-                    draining=draining)
+                    draining=draining, log_lines_dropped=7)
 
 
 @pytest.fixture
@@ -105,6 +105,7 @@ def test_every_family_has_the_right_type(families: Dict[str, Metric]) -> None:
         "rawproxy_config_reloads": "counter",
         "rawproxy_config_last_reload_successful": "gauge",
         "rawproxy_draining": "gauge",
+        "rawproxy_log_lines_dropped": "counter",
         "rawproxy_process_start_time_seconds": "gauge",
     }
     assert all(family.documentation for family in families.values())
@@ -179,6 +180,8 @@ def test_process_wide_samples(families: Dict[str, Metric]) -> None:
     assert samples(families["rawproxy_config_last_reload_successful"]) == {
         key("rawproxy_config_last_reload_successful"): 0}
     assert samples(families["rawproxy_draining"]) == {key("rawproxy_draining"): 1}
+    assert samples(families["rawproxy_log_lines_dropped"]) == {
+        key("rawproxy_log_lines_dropped_total"): 7}
     assert samples(families["rawproxy_process_start_time_seconds"]) == {
         key("rawproxy_process_start_time_seconds"): 1_700_000_000.5}
 
@@ -194,7 +197,7 @@ def test_flags_flip_with_state() -> None:
 
 def test_no_apps_still_renders_every_family() -> None:
     found = parse(render(Snapshot(Stats(start_time=0.0), {}, {}, {}, {}, False)))
-    assert len(found) == 15
+    assert len(found) == 16
     assert samples(found["rawproxy_connections_accepted"]) == {}
     assert samples(found["rawproxy_draining"]) == {key("rawproxy_draining"): 0}
 

@@ -1,0 +1,165 @@
+"""Log lines leave the event loop through a bounded queue: stderr never blocks it.
+
+A ``StreamHandler`` writes on the thread that logs.  When nobody reads
+stderr (a stuck journald, ``rawproxy 2>&1 | less`` left paused), the pipe
+fills and that write blocks: the loop, and with it every connection, would
+stop.  HAProxy sends its logs over non-blocking UDP syslog and drops what
+the socket does not take; rawproxy does the equivalent here:
+
+* :class:`SinkHandler` formats a record on the thread that logs (so the
+  record's arguments are read at once) and hands the line to a
+  :class:`LogSink`.  That costs a lock and an append; it never waits.
+* A :class:`LogSink` holds at most ``max_lines`` lines.  One writer thread
+  wakes on the first line, lets more gather for 10 ms, then takes them all
+  and writes them in one call (a flush skips the wait).  When the
+  queue is full, new lines are dropped and counted (``dropped``, exported as
+  ``rawproxy_log_lines_dropped_total``), and the writer says how many once
+  stderr takes lines again.
+* ``flush(timeout_s)`` waits until what was queued before the call is
+  written, or the timeout passes: exit paths flush with a bound, so a
+  blocked stderr cannot keep the process alive.
+* Across ``fork`` (``--workers``), the parent flushes first and holds the lock,
+  so the child starts from a consistent state.  The child then drops the
+  parent's queue (the parent writes those lines) and starts its own writer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import weakref
+from collections import deque
+from typing import Callable, TextIO
+
+FORK_FLUSH_TIMEOUT_S = 1.0
+BATCH_DELAY_S = 0.01
+
+
+class LogSink:
+    """A bounded line queue drained into ``stream`` by one writer thread."""
+
+    def __init__(self, stream: TextIO, max_lines: int = 10_000) -> None:
+        self._stream = stream
+        self._max_lines = max_lines
+        self._start()
+        if hasattr(os, "register_at_fork"):
+            ref = weakref.ref(self)
+            os.register_at_fork(before=_call_if_alive(ref, LogSink._before_fork),
+                                after_in_parent=_call_if_alive(ref, LogSink._after_fork_parent),
+                                after_in_child=_call_if_alive(ref, LogSink._after_fork_child))
+
+    def _start(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._lines: deque[str] = deque()
+        self._queued = 0     # lines accepted since start
+        self._written = 0    # of those, lines the writer has finished with
+        self.dropped = 0
+        self._dropped_told = 0
+        self._closed = False
+        self._flushing = 0   # callers waiting in flush(): write without delay
+        self._thread = threading.Thread(target=self._run, name="rawproxy-log", daemon=True)
+        self._thread.start()
+
+    def put(self, line: str) -> None:
+        """Queue one line, or drop and count it when the queue is full."""
+        with self._cond:
+            if self._closed or len(self._lines) >= self._max_lines:
+                self.dropped += 1
+                return
+            self._lines.append(line)
+            self._queued += 1
+            if len(self._lines) == 1:
+                self._cond.notify()  # the writer sleeps only on an empty queue
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until every line queued so far is written; False on timeout."""
+        with self._cond:
+            target = self._queued
+            self._flushing += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(
+                    lambda: self._written >= target or not self._thread.is_alive(), timeout_s)
+            finally:
+                self._flushing -= 1
+
+    def close(self, timeout_s: float) -> None:
+        """Write what is queued (for at most ``timeout_s``), then stop the writer."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._closed:
+                    self._cond.wait()
+                if not self._lines:
+                    return  # closed and empty
+                if not (self._closed or self._flushing):
+                    # Let a batch gather: one write, and one hand-over of the
+                    # GIL from the loop, per BATCH_DELAY_S rather than per line.
+                    self._cond.wait(BATCH_DELAY_S)
+                batch = list(self._lines)
+                self._lines.clear()
+                dropped = self.dropped - self._dropped_told
+                self._dropped_told = self.dropped
+            text = "\n".join(batch) + "\n"
+            if dropped:
+                text += f"rawproxy: {dropped} log lines dropped: stderr was not taking them\n"
+            try:
+                self._stream.write(text)
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stderr gone or closed: nothing better to do with a log line
+            with self._cond:
+                self._written += len(batch)
+                self._cond.notify_all()
+
+    def _before_fork(self) -> None:
+        self.flush(FORK_FLUSH_TIMEOUT_S)
+        self._cond.acquire()
+
+    def _after_fork_parent(self) -> None:
+        self._cond.release()
+
+    def _after_fork_child(self) -> None:
+        # The parent's writer did not survive the fork and the parent writes
+        # its own queue: start empty, with a fresh lock and writer.
+        closed = self._closed
+        self._start()
+        if closed:
+            self.close(0.0)
+
+
+def _call_if_alive(ref: "weakref.ref[LogSink]",
+                   method: Callable[[LogSink], None]) -> Callable[[], None]:
+    def call() -> None:
+        sink = ref()
+        if sink is not None:
+            method(sink)
+    return call
+
+
+class SinkHandler(logging.Handler):
+    """A logging handler that formats on the calling thread and queues the line."""
+
+    def __init__(self, sink: LogSink, exit_timeout_s: float = 2.0) -> None:
+        super().__init__()
+        self.sink = sink
+        self.exit_timeout_s = exit_timeout_s
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.sink.put(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.sink.flush(self.exit_timeout_s)
+
+    def close(self) -> None:
+        self.sink.close(self.exit_timeout_s)
+        super().close()

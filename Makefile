@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test unit integration typecheck compat run check clean probe dist soak bench bench-micro bench-ceilings
+.PHONY: test unit integration typecheck compat run check clean probe dist soak bench bench-micro bench-ceilings bench-logcost
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,10 @@ bench: $(STAMP)
 ## and name lookups queueing on the resolver's two threads (no real query).
 bench-ceilings: $(STAMP)
 	$(VPY) -m benchmarks.ceilings
+
+## What one access-log line costs: rawproxy's log sink against a StreamHandler.
+bench-logcost: $(STAMP)
+	$(VPY) -m benchmarks.logcost
 
 ## Micro benchmarks of the hot paths (skipped in `make test`).
 bench-micro: $(STAMP)

@@ -162,10 +162,14 @@ def _configure_logging(level: str, log_format: str) -> SinkHandler:
 
 
 def _error(message: str) -> None:
-    # Queued log lines first, so the error comes after what led to it.
+    line = f"{PROG}: error: {message}"
     for handler in logging.getLogger("rawproxy").handlers:
-        handler.flush()
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        if isinstance(handler, SinkHandler):
+            # After the lines already queued, and never blocking on stderr.
+            handler.sink.put(line)
+            handler.flush()
+            return
+    print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

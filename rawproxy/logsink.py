@@ -16,7 +16,9 @@ the socket does not take; rawproxy does the equivalent here:
   ``rawproxy_log_lines_dropped_total``), and the writer says how many once
   stderr takes lines again.
 * ``flush(timeout_s)`` waits until what was queued before the call is
-  written, or the timeout passes: exit paths flush with a bound, so a
+  written, or the timeout passes: exit paths flush with a bound, and the
+  writer calls ``os.write`` on the descriptor rather than through the
+  buffered ``sys.stderr`` (whose lock a blocked write would hold), so a
   blocked stderr cannot keep the process alive.
 * Across ``fork`` (``--workers``), the parent flushes first and holds the lock,
   so the child starts from a consistent state.  The child then drops the
@@ -30,17 +32,25 @@ import os
 import threading
 import weakref
 from collections import deque
-from typing import Callable, TextIO
+from typing import Callable, Optional, TextIO
 
-FORK_FLUSH_TIMEOUT_S = 1.0
+FORK_FLUSH_TIMEOUT_S = 0.25
 BATCH_DELAY_S = 0.01
 
 
 class LogSink:
-    """A bounded line queue drained into ``stream`` by one writer thread."""
+    """A bounded line queue drained into ``stream`` by one writer thread.
+
+    When ``stream`` has a file descriptor (stderr does), the writer calls
+    ``os.write`` on it directly.  A buffered text stream holds its own lock
+    for the whole of a blocking write: interpreter shutdown, a worker's exit
+    or a fork would then wait on that lock for as long as nobody reads.
+    """
 
     def __init__(self, stream: TextIO, max_lines: int = 10_000) -> None:
         self._stream = stream
+        self._fd = _fileno(stream)
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
         self._max_lines = max_lines
         self._start()
         if hasattr(os, "register_at_fork"):
@@ -57,6 +67,7 @@ class LogSink:
         self.dropped = 0
         self._dropped_told = 0
         self._closed = False
+        self._writer_gone = False
         self._flushing = 0   # callers waiting in flush(): write without delay
         self._thread = threading.Thread(target=self._run, name="rawproxy-log", daemon=True)
         self._thread.start()
@@ -64,59 +75,84 @@ class LogSink:
     def put(self, line: str) -> None:
         """Queue one line, or drop and count it when the queue is full."""
         with self._cond:
-            if self._closed or len(self._lines) >= self._max_lines:
+            if self._closed or self._writer_gone or len(self._lines) >= self._max_lines:
                 self.dropped += 1
                 return
             self._lines.append(line)
             self._queued += 1
             if len(self._lines) == 1:
-                self._cond.notify()  # the writer sleeps only on an empty queue
+                self._cond.notify_all()  # the writer sleeps only on an empty queue
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until every line queued so far is written; False on timeout."""
+        """Wait until every line queued so far is written; False if not in time.
+
+        After :meth:`close` it does not wait: close already gave the writer
+        its time, and a stuck stderr must not hold up exit twice.
+        """
         with self._cond:
             target = self._queued
+            if self._closed:
+                return self._written >= target
             self._flushing += 1
             self._cond.notify_all()
             try:
-                return self._cond.wait_for(
-                    lambda: self._written >= target or not self._thread.is_alive(), timeout_s)
+                self._cond.wait_for(
+                    lambda: self._written >= target or self._writer_gone, timeout_s)
+                return self._written >= target
             finally:
                 self._flushing -= 1
 
     def close(self, timeout_s: float) -> None:
-        """Write what is queued (for at most ``timeout_s``), then stop the writer."""
+        """Write what is queued (for at most ``timeout_s``), then stop the writer.
+
+        Only the first call waits (``logging.shutdown`` closes handlers again
+        at exit)."""
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._cond:
+                    while not self._lines and not self._closed:
+                        self._cond.wait()
+                    if not self._lines:
+                        return  # closed and empty
+                    if not (self._closed or self._flushing):
+                        # Let a batch gather: one write, and one hand-over of the
+                        # GIL from the loop, per BATCH_DELAY_S rather than per line.
+                        self._cond.wait(BATCH_DELAY_S)
+                    batch = list(self._lines)
+                    self._lines.clear()
+                    dropped = self.dropped - self._dropped_told
+                    self._dropped_told = self.dropped
+                text = "\n".join(batch) + "\n"
+                if dropped:
+                    text += f"rawproxy: {dropped} log lines dropped: stderr was not taking them\n"
+                self._write(text)
+                with self._cond:
+                    self._written += len(batch)
+                    self._cond.notify_all()
+        finally:
             with self._cond:
-                while not self._lines and not self._closed:
-                    self._cond.wait()
-                if not self._lines:
-                    return  # closed and empty
-                if not (self._closed or self._flushing):
-                    # Let a batch gather: one write, and one hand-over of the
-                    # GIL from the loop, per BATCH_DELAY_S rather than per line.
-                    self._cond.wait(BATCH_DELAY_S)
-                batch = list(self._lines)
-                self._lines.clear()
-                dropped = self.dropped - self._dropped_told
-                self._dropped_told = self.dropped
-            text = "\n".join(batch) + "\n"
-            if dropped:
-                text += f"rawproxy: {dropped} log lines dropped: stderr was not taking them\n"
-            try:
+                self._writer_gone = True
+                self._cond.notify_all()
+
+    def _write(self, text: str) -> None:
+        try:
+            if self._fd is None:
                 self._stream.write(text)
                 self._stream.flush()
-            except (OSError, ValueError):
-                pass  # stderr gone or closed: nothing better to do with a log line
-            with self._cond:
-                self._written += len(batch)
-                self._cond.notify_all()
+                return
+            data = memoryview(text.encode(self._encoding, "backslashreplace"))
+            while data:
+                data = data[os.write(self._fd, data):]
+        except Exception:
+            pass  # stderr gone or unusable: nothing better to do with a log line
 
     def _before_fork(self) -> None:
         self.flush(FORK_FLUSH_TIMEOUT_S)
@@ -132,6 +168,16 @@ class LogSink:
         self._start()
         if closed:
             self.close(0.0)
+
+
+def _fileno(stream: TextIO) -> Optional[int]:
+    """The stream's descriptor, its buffer flushed first; None if it has none."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.StringIO: UnsupportedOperation
+        return None
+    stream.flush()
+    return fd
 
 
 def _call_if_alive(ref: "weakref.ref[LogSink]",

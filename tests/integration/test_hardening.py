@@ -242,37 +242,68 @@ def test_unknown_user_exits_2_before_binding() -> None:
 
 
 
-def test_stderr_nobody_reads_does_not_stop_the_proxy(tmp_path: Path, backend: BackendFactory) -> None:
-    """A full stderr pipe (a stuck log reader) must not block the event loop."""
-    echo = backend("echo")
-    path = tmp_path / "c.json"
-    port = write_config(path, [{"Name": "a", "Ports": 1, "Targets": [echo.address]}])["a"][0]
-    # stderr is a pipe this test does not read until the end: at --log-level
-    # debug every connection logs lines, far more than a pipe holds.
-    proc = subprocess.Popen(proxy_argv(path, "--log-level", "debug"), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        def serves() -> bool:
-            try:
-                with connect(port, timeout_s=2) as sock:
-                    sock.sendall(b"up")
-                    return recv_exactly(sock, 2) == b"up"
-            except OSError:
-                return False
+class UnreadStderrProxy:
+    """rawproxy with stderr a pipe this test reads only when it chooses to.
 
-        wait_until(serves, message="the proxy to listen")
-        for n in range(2000):
-            with connect(port, timeout_s=5) as sock:
+    Without PYTHONUNBUFFERED, as in production: sys.stderr is then buffered,
+    and a write through it would hold its lock while blocked.
+    """
+
+    def __init__(self, tmp_path: Path, target: str) -> None:
+        path = tmp_path / "c.json"
+        self.port = write_config(path, [{"Name": "a", "Ports": 1, "Targets": [target]}])["a"][0]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+        self.proc = subprocess.Popen(proxy_argv(path), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    def serves(self) -> bool:
+        try:
+            with connect(self.port, timeout_s=2) as sock:
+                sock.sendall(b"up")
+                return recv_exactly(sock, 2) == b"up"
+        except OSError:
+            return False
+
+    def relay(self, count: int) -> None:
+        """One access-log line each: far more than a pipe holds."""
+        wait_until(self.serves, message="the proxy to listen")
+        for n in range(count):
+            with connect(self.port, timeout_s=5) as sock:
                 payload = n.to_bytes(4, "big")
                 sock.sendall(payload)
                 assert recv_exactly(sock, 4) == payload, f"connection {n} not relayed"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate()
+
+
+@pytest.fixture
+def unread_stderr_proxy(tmp_path: Path, backend: BackendFactory) -> Iterator[UnreadStderrProxy]:
+    proxy = UnreadStderrProxy(tmp_path, backend("echo").address)
+    yield proxy
+    proxy.close()
+
+
+def test_stderr_nobody_reads_does_not_stop_relaying_or_exit(
+        unread_stderr_proxy: UnreadStderrProxy) -> None:
+    proxy = unread_stderr_proxy
+    proxy.relay(2000)
+    proxy.proc.send_signal(signal.SIGTERM)
+    # Still nobody reads: the drain and the bounded log flush must end it.
+    assert proxy.proc.wait(timeout=20) == 0
+    assert proxy.proc.stderr is not None
+    assert len(proxy.proc.stderr.read()) >= 16384, "the pipe never filled: the test proves nothing"
+
+
+def test_log_lines_held_while_stderr_was_stuck_arrive_once_it_is_read(
+        unread_stderr_proxy: UnreadStderrProxy) -> None:
+    proxy = unread_stderr_proxy
+    proxy.relay(2000)
+    proxy.proc.send_signal(signal.SIGTERM)
+    _, err = proxy.proc.communicate(timeout=30)
+    assert proxy.proc.returncode == 0
     assert len(err) > 4 * 65536, "the log never outgrew the pipe: the test proves nothing"
     access = [line for line in err.decode().splitlines() if "rawproxy.access" in line]
-    assert len(access) == 2001  # the readiness probe and the 2,000, nothing dropped
+    assert len(access) == 2001  # the readiness check and the 2,000: none dropped

@@ -114,3 +114,31 @@ def test_a_forked_child_logs_through_its_own_writer() -> None:
     with os.fdopen(read_end) as reader:
         lines = reader.read().splitlines()
     assert lines == ["parent before fork", "child", "parent after fork"]
+
+
+def test_after_close_neither_close_nor_flush_waits_again(stuck: StuckStream) -> None:
+    sink = LogSink(stuck)
+    sink.put("stuck")
+    assert stuck.entered.wait(5)
+    sink.close(0.1)  # gives up: the stream never takes the line
+    started = time.monotonic()
+    sink.close(5.0)
+    assert not sink.flush(5.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_stream_that_raises_does_not_stop_the_writer() -> None:
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            if "bad" in text:
+                raise RuntimeError("cannot write that")
+            return super().write(text)
+
+    stream = Broken()
+    sink = LogSink(stream)
+    sink.put("bad line")
+    assert sink.flush(5.0)
+    sink.put("good line")
+    assert sink.flush(5.0)
+    assert stream.getvalue() == "good line\n"
+    sink.close(5.0)

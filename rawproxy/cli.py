@@ -255,7 +255,9 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
             control = WorkerControl(
                 loop, worker[1], worker[0],
                 lambda: metrics.render(snapshot(), labels),
-                server.config_view, lambda: server.drain(args.drain_timeout))
+                server.config_view, lambda: server.drain(args.drain_timeout),
+                server.apply_shared_health)
+            server.on_health_change = control.share_health
         elif args.admin is not None:
             handlers = AdminHandlers(lambda: server.draining,
                                      lambda: metrics.render(snapshot()),

@@ -19,8 +19,9 @@ Time comes in as an argument (``now``), randomness from an injected
 
 from __future__ import annotations
 
+import functools
 import random
-from typing import Collection, Iterable, Mapping, Optional
+from typing import Callable, Collection, Iterable, Mapping, Optional
 
 from .config import App, Config, Target
 from .stats import AppStats, Stats
@@ -61,14 +62,22 @@ class TargetHealth:
         self.check_failed = old.check_failed
 
 
+# (target address, down until on the monotonic clock; 0.0 when up again)
+HealthChange = Callable[[str, float], None]
+
+
 class Balancer:
     def __init__(self, targets: Iterable[Target], rng: random.Random,
-                 backoff: Optional[Backoff] = None) -> None:
+                 backoff: Optional[Backoff] = None,
+                 on_change: Optional[HealthChange] = None) -> None:
         self._health = {t: TargetHealth(t) for t in targets}
         if not self._health:
             raise ValueError("a balancer needs at least one target")
         self._rng = rng
         self._backoff = backoff or Backoff()
+        # Told of every passive-health change this balancer makes itself, so
+        # sibling workers can share it (not of changes from apply_shared).
+        self._on_change = on_change
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -106,12 +115,28 @@ class Balancer:
         health.consecutive_failures += 1
         health.last_failure = reason
         health.down_until = now + self._backoff.delay_s(health.consecutive_failures)
+        if self._on_change is not None:
+            self._on_change(target.address, health.down_until)
 
     def record_success(self, target: Target) -> None:
         health = self._health.get(target)
-        if health is not None:
+        if health is not None and (health.consecutive_failures or health.down_until):
             health.consecutive_failures = 0
             health.down_until = 0.0
+            if self._on_change is not None:
+                self._on_change(target.address, 0.0)
+
+    def apply_shared(self, address: str, down_until: float) -> None:
+        """Another worker's passive verdict on ``address``: down until
+        ``down_until`` (the later of theirs and ours wins), or up (0.0)."""
+        for target, health in self._health.items():
+            if target.address != address:
+                continue
+            if down_until <= 0.0:
+                health.consecutive_failures = 0
+                health.down_until = 0.0
+            else:
+                health.down_until = max(health.down_until, down_until)
 
     def record_check(self, target: Target, ok: bool, reason: str = "") -> None:
         """An active check's verdict: down until a later check succeeds."""
@@ -147,11 +172,17 @@ class Route:
 class Router:
     def __init__(self, config: Config, rng: random.Random,
                  backoff: Optional[Backoff] = None, *, stats: Optional[Stats] = None,
-                 previous: Optional[Router] = None) -> None:
+                 previous: Optional[Router] = None,
+                 on_change: Optional[Callable[[str, str, float], None]] = None) -> None:
+        """``on_change(app, address, down_until)``: see :class:`Balancer`."""
         stats = stats or Stats()
+
+        def balancer(app: App) -> Balancer:
+            hook = None if on_change is None else functools.partial(on_change, app.name)
+            return Balancer(app.targets, rng, backoff, hook)
+
         self.routes: dict[str, Route] = {
-            app.name: Route(app, Balancer(app.targets, rng, backoff), stats.app(app.name))
-            for app in config.apps
+            app.name: Route(app, balancer(app), stats.app(app.name)) for app in config.apps
         }
         if previous is not None:
             for name, route in self.routes.items():
@@ -168,3 +199,8 @@ class Router:
 
     def route_for_port(self, port: int) -> Optional[Route]:
         return self._by_port.get(port)
+
+    def apply_shared(self, app: str, address: str, down_until: float) -> None:
+        route = self.routes.get(app)
+        if route is not None:
+            route.balancer.apply_shared(address, down_until)

@@ -97,7 +97,11 @@ class Server:
         self._rng = rng or random.Random()
         self._resolver = resolver
         self._health = HealthChecks(loop, resolver)
-        self.router = Router(config, self._rng, stats=self.stats)
+        # Under --workers: told of each passive-health change (app, target
+        # address, down until or 0.0) so the supervisor can share it.
+        self.on_health_change: Optional[Callable[[str, str, float], None]] = None
+        self.router = Router(config, self._rng, stats=self.stats,
+                             on_change=self._health_changed)
         self._backlog = backlog
         self._reuse_port = reuse_port
         self._accept_batch = accept_batch
@@ -186,7 +190,8 @@ class Server:
         """Serve ``config`` from now on; BindError leaves the old one serving."""
         if self._draining:
             raise RuntimeError("draining: reload ignored")
-        router = Router(config, self._rng, stats=self.stats, previous=self.router)
+        router = Router(config, self._rng, stats=self.stats, previous=self.router,
+                        on_change=self._health_changed)
         added = sorted(set(router.ports) - set(self.listeners))
         removed = sorted(set(self.listeners) - set(router.ports))
         opened = self._bind_all(router, added)
@@ -310,6 +315,16 @@ class Server:
         self._trim_timer = None
         if not self.sessions and self._ctx.pipes is not None:
             self._ctx.pipes.close()
+
+    # -- health shared between workers -----------------------------------------
+
+    def _health_changed(self, app: str, address: str, down_until: float) -> None:
+        if self.on_health_change is not None:
+            self.on_health_change(app, address, down_until)
+
+    def apply_shared_health(self, app: str, address: str, down_until: float) -> None:
+        """A sibling worker's passive verdict on a target (see Balancer.apply_shared)."""
+        self.router.apply_shared(app, address, down_until)
 
     # -- views for the admin endpoint ------------------------------------------
 

@@ -13,14 +13,21 @@ supervisor (the process the operator started) serves no traffic:
   while restarts keep failing fast (1 s .. 30 s);
 * it serves ``--admin`` itself: ``/metrics`` asks every worker for its
   exposition (labelled ``worker="N"``) over a control socketpair and merges
-  the families, ``/config`` lists every worker's view.
+  the families, ``/config`` lists every worker's view;
+* it passes each worker's passive-health changes on to the others.
 
 Control protocol, on a socketpair per worker: the supervisor writes one
 request line, ``<id> metrics`` or ``<id> config``; the worker answers with a
 frame, a 4-byte big-endian length then UTF-8 text whose first line is the
 same id.  Ids let the supervisor drop an answer that arrives after it gave
 up waiting, instead of taking it for the answer to the next question.  A
-worker announces itself with a ``ready`` frame once its listeners are bound.  A worker whose control socket
+worker announces itself with a ``ready`` frame once its listeners are bound.
+Id 0 is an event, never answered: a worker sends a frame ``0`` /
+``health [app, address, down_until]`` when its passive health marks a target
+down (or up again, ``down_until`` 0), and the supervisor passes it on to
+every other worker as the line ``0 health [...]``, so one worker's failed
+connect spares the others theirs.  ``down_until`` is on the monotonic
+clock, which all processes of a host share.  A worker whose control socket
 reaches EOF (the supervisor died) drains and exits, so no worker outlives
 its supervisor for long.
 """
@@ -54,6 +61,27 @@ RESTART_MAX_S = 30.0
 WorkerMain = Callable[[int, socket.socket], int]
 
 
+# Requests carry ids from 1 up; id 0 marks an event, which gets no answer:
+# a worker's passive-health change, which the supervisor passes on to the
+# other workers as a request line "0 health [app, address, down_until]".
+EVENT_ID = "0"
+
+
+def encode_health(app: str, address: str, down_until: float) -> str:
+    return "health " + json.dumps([app, address, down_until])
+
+
+def decode_health(text: str) -> Optional[tuple[str, str, float]]:
+    kind, _, payload = text.partition(" ")
+    try:
+        app, address, down_until = json.loads(payload)
+        if kind == "health" and isinstance(app, str) and isinstance(address, str):
+            return app, address, float(down_until)
+    except (ValueError, TypeError):
+        pass
+    return None
+
+
 def write_frame(sock: socket.socket, text: str) -> None:
     data = text.encode()
     sock.sendall(struct.pack("!I", len(data)) + data)
@@ -81,13 +109,15 @@ class WorkerControl:
 
     def __init__(self, loop: EventLoop, sock: socket.socket, index: int,
                  metrics_text: Callable[[], str], config_view: Callable[[], object],
-                 on_orphaned: Callable[[], None]) -> None:
+                 on_orphaned: Callable[[], None],
+                 on_shared_health: Callable[[str, str, float], None] = lambda *a: None) -> None:
         self._loop = loop
         self._sock = sock
         self.index = index
         self._metrics_text = metrics_text
         self._config_view = config_view
         self._on_orphaned = on_orphaned
+        self._on_shared_health = on_shared_health
         self._pending = b""
         # A roomy send buffer so an answer is written whole even when the
         # supervisor is slow to read; the timeout bounds the rare worst case.
@@ -98,6 +128,13 @@ class WorkerControl:
 
     def announce_ready(self) -> None:
         write_frame(self._sock, "ready")
+
+    def share_health(self, app: str, address: str, down_until: float) -> None:
+        """Tell the supervisor of a passive-health change, for the other workers."""
+        try:
+            write_frame(self._sock, f"{EVENT_ID}\n" + encode_health(app, address, down_until))
+        except OSError:
+            pass  # the supervisor is gone or stuck: the others learn for themselves
 
     def _on_readable(self, events: int) -> None:
         try:
@@ -114,6 +151,11 @@ class WorkerControl:
         while b"\n" in self._pending:
             line, self._pending = self._pending.split(b"\n", 1)
             request_id, _, request = line.decode(errors="replace").strip().partition(" ")
+            if request_id == EVENT_ID:
+                shared = decode_health(request)
+                if shared is not None:
+                    self._on_shared_health(*shared)
+                continue  # events get no answer
             if request == "metrics":
                 answer = self._metrics_text()
             elif request == "config":
@@ -132,7 +174,8 @@ class WorkerControl:
 
 
 class _Worker:
-    __slots__ = ("index", "pid", "control", "started_at", "restart_delay_s", "next_request")
+    __slots__ = ("index", "pid", "control", "started_at", "restart_delay_s", "next_request",
+                 "inbox")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -141,6 +184,18 @@ class _Worker:
         self.started_at = 0.0
         self.restart_delay_s = RESTART_MIN_S
         self.next_request = 0
+        self.inbox = bytearray()  # bytes read from control, not yet a whole frame
+
+    def take_frame(self) -> Optional[str]:
+        """The next whole frame in the inbox, or None."""
+        if len(self.inbox) < 4:
+            return None
+        (length,) = struct.unpack_from("!I", self.inbox)
+        if len(self.inbox) < 4 + length:
+            return None
+        frame = bytes(self.inbox[4:4 + length]).decode(errors="replace")
+        del self.inbox[:4 + length]
+        return frame
 
 
 class Supervisor:
@@ -236,6 +291,7 @@ class Supervisor:
                     self._signal_all(signal.SIGKILL)
                     self._reap_all_blocking()
                     return failed if failed > 0 else 1
+                self._watch_control(worker)
             return self._supervise(loop)
         finally:
             if self._admin is not None:
@@ -290,8 +346,10 @@ class Supervisor:
     def _on_exit(self, worker: _Worker, status: int) -> None:
         worker.pid = 0
         if worker.control is not None:
+            self._unwatch_control(worker)
             worker.control.close()
             worker.control = None
+        worker.inbox.clear()
         if self._stopping:
             return
         assert self._loop is not None
@@ -309,6 +367,8 @@ class Supervisor:
         self._spawn(worker)
         if self._wait_ready(worker) is not None:
             self._on_exit(worker, 1)
+        else:
+            self._watch_control(worker)
 
     def _reap_all_blocking(self) -> None:
         for worker in self._workers:
@@ -318,6 +378,65 @@ class Supervisor:
                 except ChildProcessError:
                     pass
                 worker.pid = 0
+
+    # -- the control channels ------------------------------------------------------
+
+    def _watch_control(self, worker: _Worker) -> None:
+        """Read a ready worker's events between questions, on the loop."""
+        if worker.control is not None and self._loop is not None:
+            fd = worker.control.fileno()
+            self._loop.watch(fd, lambda events: self._on_control_readable(worker))
+            self._loop.set_interest(fd, EVENT_READ)
+
+    def _unwatch_control(self, worker: _Worker) -> None:
+        if worker.control is not None and self._loop is not None \
+                and self._loop.is_watched(worker.control.fileno()):
+            self._loop.unwatch(worker.control.fileno())
+
+    def _on_control_readable(self, worker: _Worker) -> None:
+        control = worker.control
+        if control is None:
+            return
+        try:
+            control.settimeout(0.0)  # _ask sets its own timeout again
+            data = control.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._unwatch_control(worker)  # it exited: SIGCHLD does the rest
+            return
+        worker.inbox += data
+        frame = worker.take_frame()
+        while frame is not None:
+            self._on_frame(worker, frame)
+            frame = worker.take_frame()
+
+    def _on_frame(self, worker: _Worker, frame: str) -> None:
+        """An event is passed on; an answer nobody waits for any more is dropped."""
+        frame_id, _, body = frame.partition("\n")
+        if frame_id != EVENT_ID:
+            return
+        line = f"{EVENT_ID} {body}\n".encode()
+        for other in self._workers:
+            if other is not worker and other.pid and other.control is not None:
+                try:
+                    other.control.settimeout(CONTROL_TIMEOUT_S)
+                    other.control.sendall(line)
+                except OSError:
+                    pass  # it is exiting, or stuck: it learns for itself
+
+    def _read_frame(self, worker: _Worker, control: socket.socket, deadline: float) -> str:
+        frame = worker.take_frame()
+        while frame is None:
+            control.settimeout(max(0.001, deadline - time.monotonic()))
+            data = control.recv(65536)
+            if not data:
+                raise ConnectionError("control socket closed")
+            worker.inbox += data
+            frame = worker.take_frame()
+        return frame
 
     # -- admin views --------------------------------------------------------------
 
@@ -332,12 +451,14 @@ class Supervisor:
             control.settimeout(CONTROL_TIMEOUT_S)
             control.sendall(f"{request_id} {request}\n".encode())
             while True:
-                control.settimeout(max(0.001, deadline - time.monotonic()))
-                answer_id, _, answer = read_frame(control).partition("\n")
+                frame = self._read_frame(worker, control, deadline)
+                answer_id, _, answer = frame.partition("\n")
                 if answer_id == request_id:
                     return answer
-                # A late answer to a question we gave up on: drop it.
-        except (OSError, ConnectionError, UnicodeDecodeError, struct.error) as exc:
+                # An event (passed on), or a late answer to a question we
+                # gave up on (dropped).
+                self._on_frame(worker, frame)
+        except (OSError, ConnectionError, struct.error) as exc:
             if getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
                 log.warning("worker %d did not answer %s: %s", worker.index, request, exc)
             return None

@@ -15,8 +15,8 @@ from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, free_ports,
-                           recv_until_eof, stable_ports, wait_until)
+from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, dead_port,
+                           free_ports, recv_until_eof, stable_ports, wait_until)
 
 BackendFactory = Callable[..., Backend]
 
@@ -161,3 +161,27 @@ def test_a_busy_admin_port_is_one_error_before_any_worker(tmp_path: Path) -> Non
             "(admin endpoint): Address already in use"]
     finally:
         squatter.close()
+
+
+def test_a_target_one_worker_finds_dead_is_skipped_by_the_others(
+        proxies: ProxyFactory, backend: BackendFactory) -> None:
+    (admin,) = stable_ports(1)
+    dead = f"{HOST}:{dead_port()}"
+    # The dead target is the first pick of every worker, until one learns.
+    proxy, ports = proxies.start(
+        [{"Name": "a", "Ports": 1,
+          "Targets": [{"Address": dead, "Weight": 1_000_000}, backend().address]}],
+        "--workers", "2", "--admin", f"{HOST}:{admin}")
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    assert echo(ports["a"][0]) == b"ping"  # one worker fails over, then shares it
+
+    def dead_target_views() -> list[dict[str, object]]:
+        views = json.loads(get(admin, "/config"))["Workers"]
+        return [next(t for t in view["Apps"][0]["Targets"] if t["Address"] == dead)
+                for view in views]
+
+    # The passive back-off is 1 s: the sibling must know well within it.
+    wait_until(lambda: any(not t["Up"] and t["ConsecutiveFailures"] == 0
+                           for t in dead_target_views()),
+               timeout_s=1.0, interval_s=0.01,
+               message="the other worker to mark the dead target down without trying it")

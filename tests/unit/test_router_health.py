@@ -222,3 +222,53 @@ def test_router_without_previous_starts_every_target_up() -> None:
     router = Router(make_config({"web": [A, B], "db": [C]}), random.Random(1))
     assert all(not h.is_down(0.0) and h.last_failure == ""
                for route in router.routes.values() for h in route.balancer.healths())
+
+
+# -- health shared between workers ------------------------------------------------
+
+def test_passive_changes_are_reported_once_per_change() -> None:
+    changes: list[tuple[str, str, float]] = []
+    router = Router(make_config({"web": [A, B]}), random.Random(1), Backoff(1.0, 30.0),
+                    on_change=lambda app, address, until: changes.append((app, address, until)))
+    balancer = router.routes["web"].balancer
+    targets = by_address(balancer)
+    balancer.record_success(targets[A])      # already up: nothing to tell
+    balancer.record_failure(targets[A], 100.0, "refused")
+    balancer.record_failure(targets[A], 101.0, "refused")
+    balancer.record_success(targets[A])      # up again
+    balancer.record_success(targets[A])      # still up: nothing to tell
+    assert changes == [("web", A, 101.0), ("web", A, 103.0), ("web", A, 0.0)]
+
+
+def test_a_shared_verdict_marks_down_without_counting_a_failure_or_echoing() -> None:
+    changes: list[tuple[str, str, float]] = []
+    router = Router(make_config({"web": [A, B], "db": [A]}), random.Random(1),
+                    on_change=lambda *change: changes.append(change))
+    router.apply_shared("web", A, 50.0)
+    web, db = router.routes["web"].balancer, router.routes["db"].balancer
+    health = web.health(by_address(web)[A])
+    assert health.is_down(49.9) and not health.is_down(50.0)
+    assert health.consecutive_failures == 0
+    assert not db.health(by_address(db)[A]).is_down(49.9)  # another app's target
+    assert chosen(web, 10.0) == {by_address(web)[B]}
+    assert changes == []  # applying a sibling's verdict is not news to pass on
+
+
+def test_a_shared_verdict_never_shortens_a_local_back_off() -> None:
+    balancer = make_balancer([A, B])
+    target = by_address(balancer)[A]
+    for now in (0.0, 0.0, 0.0):  # 1 + 2 + 4: down until 4.0
+        balancer.record_failure(target, now, "refused")
+    balancer.apply_shared(A, 2.0)
+    assert balancer.health(target).is_down(3.9)
+    balancer.apply_shared(A, 0.0)  # a sibling connected: it is up
+    assert not balancer.health(target).is_down(0.1)
+    assert balancer.health(target).consecutive_failures == 0
+
+
+def test_an_unknown_app_or_address_is_ignored() -> None:
+    router = Router(make_config({"web": [A]}), random.Random(1))
+    router.apply_shared("gone", A, 50.0)
+    router.apply_shared("web", D, 50.0)
+    balancer = router.routes["web"].balancer
+    assert not balancer.health(by_address(balancer)[A]).is_down(1.0)

@@ -76,3 +76,68 @@ def test_merge_keeps_each_family_header_once() -> None:
         'rawproxy_b{worker="0"} 2', 'rawproxy_b{worker="1"} 2',
     ]
     assert merge_expositions([]) == ""
+
+
+@pytest.fixture
+def two_workers() -> Iterator[tuple[Supervisor, list[socket.socket]]]:
+    sup = Supervisor(2, lambda index, control: 0)
+    worker_ends = []
+    for worker in sup._workers:
+        ours, theirs = socket.socketpair()
+        worker.pid = os.getpid()
+        worker.control = ours
+        worker_ends.append(theirs)
+    yield sup, worker_ends
+    for worker in sup._workers:
+        assert worker.control is not None
+        worker.control.close()
+    for end in worker_ends:
+        end.close()
+
+
+def test_health_events_are_decoded_as_they_were_encoded() -> None:
+    text = supervisor.encode_health('app "x"\nnew', "[::1]:80", 12.5)
+    assert "\n" not in text
+    assert supervisor.decode_health(text) == ('app "x"\nnew', "[::1]:80", 12.5)
+    assert supervisor.decode_health("health [1, 2]") is None
+    assert supervisor.decode_health("metrics") is None
+
+
+def test_an_event_that_arrives_during_a_question_is_passed_to_the_other_workers(
+        two_workers: tuple[Supervisor, list[socket.socket]]) -> None:
+    sup, (first, second) = two_workers
+    event = supervisor.encode_health("web", "127.0.0.1:80", 99.0)
+
+    def first_worker() -> None:
+        request_id, request = request_line(first)
+        write_frame(first, f"{supervisor.EVENT_ID}\n{event}")  # before its answer
+        write_frame(first, f"{request_id}\nanswer to {request}")
+
+    thread = threading.Thread(target=first_worker)
+    thread.start()
+    try:
+        assert sup._ask(sup._workers[0], "config") == "answer to config"
+    finally:
+        thread.join(5)
+    second.settimeout(5)
+    assert request_line(second) == (supervisor.EVENT_ID, event)
+    first.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        first.recv(1)  # not echoed back to the worker it came from
+
+
+def test_an_event_read_between_questions_is_passed_on_and_late_answers_dropped(
+        two_workers: tuple[Supervisor, list[socket.socket]]) -> None:
+    sup, (first, second) = two_workers
+    event = supervisor.encode_health("web", "127.0.0.1:80", 0.0)
+    data = b""
+    for text in ("7\nlate answer", f"{supervisor.EVENT_ID}\n{event}"):
+        encoded = text.encode()
+        data += len(encoded).to_bytes(4, "big") + encoded
+    second.sendall(data[:5])  # a frame may arrive in pieces
+    sup._on_control_readable(sup._workers[1])
+    second.sendall(data[5:])
+    sup._on_control_readable(sup._workers[1])
+    first.settimeout(5)
+    assert request_line(first) == (supervisor.EVENT_ID, event)
+    assert not sup._workers[1].inbox

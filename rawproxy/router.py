@@ -75,8 +75,9 @@ class Balancer:
             raise ValueError("a balancer needs at least one target")
         self._rng = rng
         self._backoff = backoff or Backoff()
-        # Told of every passive-health change this balancer makes itself, so
-        # sibling workers can share it (not of changes from apply_shared).
+        # Told when this balancer's own passive health marks a target down
+        # (up -> down) or up again, so sibling workers can share it; never of
+        # changes that came from apply_shared.
         self._on_change = on_change
 
     @property
@@ -112,10 +113,13 @@ class Balancer:
         health = self._health.get(target)
         if health is None:
             return  # removed by a reload while the attempt was running
+        was_down = now < health.down_until
         health.consecutive_failures += 1
         health.last_failure = reason
         health.down_until = now + self._backoff.delay_s(health.consecutive_failures)
-        if self._on_change is not None:
+        if self._on_change is not None and not was_down:
+            # Only the edge: failures of a target already down (connects in
+            # flight, or an app whose every target is down) are not news.
             self._on_change(target.address, health.down_until)
 
     def record_success(self, target: Target) -> None:

@@ -24,7 +24,8 @@ up waiting, instead of taking it for the answer to the next question.  A
 worker announces itself with a ``ready`` frame once its listeners are bound.
 Id 0 is an event, never answered: a worker sends a frame ``0`` /
 ``health [app, address, down_until]`` when its passive health marks a target
-down (or up again, ``down_until`` 0), and the supervisor passes it on to
+down (or up again, ``down_until`` 0; edges only, not every failure), and
+the supervisor passes it on to
 every other worker as the line ``0 health [...]``, so one worker's failed
 connect spares the others theirs.  ``down_until`` is on the monotonic
 clock, which all processes of a host share.  A worker whose control socket
@@ -52,6 +53,7 @@ from .loop import EVENT_READ, EventLoop
 log = logging.getLogger("rawproxy.supervisor")
 
 CONTROL_TIMEOUT_S = 2.0
+MAX_FRAME_BYTES = 64 << 20  # far above any /metrics or /config answer
 READY_TIMEOUT_S = 15.0
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
@@ -130,7 +132,11 @@ class WorkerControl:
         write_frame(self._sock, "ready")
 
     def share_health(self, app: str, address: str, down_until: float) -> None:
-        """Tell the supervisor of a passive-health change, for the other workers."""
+        """Tell the supervisor of a passive-health change, for the other workers.
+
+        Only edges are sent (up -> down, down -> up), a few a second at most
+        per target, so the frame fits the socket buffer and the write does
+        not wait; a supervisor stuck past CONTROL_TIMEOUT_S costs the event."""
         try:
             write_frame(self._sock, f"{EVENT_ID}\n" + encode_health(app, address, down_until))
         except OSError:
@@ -187,10 +193,14 @@ class _Worker:
         self.inbox = bytearray()  # bytes read from control, not yet a whole frame
 
     def take_frame(self) -> Optional[str]:
-        """The next whole frame in the inbox, or None."""
+        """The next whole frame in the inbox, or None; ValueError on a length
+        no worker sends (the stream is out of step: the inbox is emptied)."""
         if len(self.inbox) < 4:
             return None
         (length,) = struct.unpack_from("!I", self.inbox)
+        if length > MAX_FRAME_BYTES:
+            self.inbox.clear()
+            raise ValueError(f"control frame of {length} bytes")
         if len(self.inbox) < 4 + length:
             return None
         frame = bytes(self.inbox[4:4 + length]).decode(errors="replace")
@@ -408,10 +418,17 @@ class Supervisor:
             self._unwatch_control(worker)  # it exited: SIGCHLD does the rest
             return
         worker.inbox += data
-        frame = worker.take_frame()
-        while frame is not None:
-            self._on_frame(worker, frame)
+        self._drain_inbox(worker)
+
+    def _drain_inbox(self, worker: _Worker) -> None:
+        """Handle every whole frame already read (events are passed on)."""
+        try:
             frame = worker.take_frame()
+            while frame is not None:
+                self._on_frame(worker, frame)
+                frame = worker.take_frame()
+        except ValueError as exc:
+            log.warning("worker %d: control channel out of step: %s", worker.index, exc)
 
     def _on_frame(self, worker: _Worker, frame: str) -> None:
         """An event is passed on; an answer nobody waits for any more is dropped."""
@@ -430,7 +447,10 @@ class Supervisor:
     def _read_frame(self, worker: _Worker, control: socket.socket, deadline: float) -> str:
         frame = worker.take_frame()
         while frame is None:
-            control.settimeout(max(0.001, deadline - time.monotonic()))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("no answer in time")
+            control.settimeout(remaining)
             data = control.recv(65536)
             if not data:
                 raise ConnectionError("control socket closed")
@@ -458,10 +478,14 @@ class Supervisor:
                 # An event (passed on), or a late answer to a question we
                 # gave up on (dropped).
                 self._on_frame(worker, frame)
-        except (OSError, ConnectionError, struct.error) as exc:
+        except (OSError, ConnectionError, ValueError) as exc:
             if getattr(exc, "errno", None) not in (None, errno.EPIPE, errno.ECONNRESET):
                 log.warning("worker %d did not answer %s: %s", worker.index, request, exc)
             return None
+        finally:
+            # Frames read together with the answer: the selector will not
+            # wake for bytes already taken off the socket.
+            self._drain_inbox(worker)
 
     def metrics_text(self) -> str:
         texts = [text for text in (self._ask(w, "metrics") for w in self._workers) if text]

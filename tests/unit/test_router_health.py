@@ -233,11 +233,12 @@ def test_passive_changes_are_reported_once_per_change() -> None:
     balancer = router.routes["web"].balancer
     targets = by_address(balancer)
     balancer.record_success(targets[A])      # already up: nothing to tell
-    balancer.record_failure(targets[A], 100.0, "refused")
-    balancer.record_failure(targets[A], 101.0, "refused")
+    balancer.record_failure(targets[A], 100.0, "refused")   # down until 101
+    balancer.record_failure(targets[A], 100.5, "refused")   # still down (now until 102.5)
+    balancer.record_failure(targets[A], 103.0, "refused")   # down again after the back-off
     balancer.record_success(targets[A])      # up again
     balancer.record_success(targets[A])      # still up: nothing to tell
-    assert changes == [("web", A, 101.0), ("web", A, 103.0), ("web", A, 0.0)]
+    assert changes == [("web", A, 101.0), ("web", A, 107.0), ("web", A, 0.0)]
 
 
 def test_a_shared_verdict_marks_down_without_counting_a_failure_or_echoing() -> None:

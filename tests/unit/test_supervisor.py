@@ -130,10 +130,7 @@ def test_an_event_read_between_questions_is_passed_on_and_late_answers_dropped(
         two_workers: tuple[Supervisor, list[socket.socket]]) -> None:
     sup, (first, second) = two_workers
     event = supervisor.encode_health("web", "127.0.0.1:80", 0.0)
-    data = b""
-    for text in ("7\nlate answer", f"{supervisor.EVENT_ID}\n{event}"):
-        encoded = text.encode()
-        data += len(encoded).to_bytes(4, "big") + encoded
+    data = frames("7\nlate answer", f"{supervisor.EVENT_ID}\n{event}")
     second.sendall(data[:5])  # a frame may arrive in pieces
     sup._on_control_readable(sup._workers[1])
     second.sendall(data[5:])
@@ -141,3 +138,39 @@ def test_an_event_read_between_questions_is_passed_on_and_late_answers_dropped(
     first.settimeout(5)
     assert request_line(first) == (supervisor.EVENT_ID, event)
     assert not sup._workers[1].inbox
+
+
+def frames(*texts: str) -> bytes:
+    out = b""
+    for text in texts:
+        encoded = text.encode()
+        out += len(encoded).to_bytes(4, "big") + encoded
+    return out
+
+
+def test_an_event_read_together_with_an_answer_is_still_passed_on(
+        two_workers: tuple[Supervisor, list[socket.socket]]) -> None:
+    sup, (first, second) = two_workers
+    event = supervisor.encode_health("web", "127.0.0.1:80", 5.0)
+
+    def first_worker() -> None:
+        request_id, _ = request_line(first)
+        first.sendall(frames(f"{request_id}\nthe answer", f"{supervisor.EVENT_ID}\n{event}"))
+
+    thread = threading.Thread(target=first_worker)
+    thread.start()
+    try:
+        assert sup._ask(sup._workers[0], "metrics") == "the answer"
+    finally:
+        thread.join(5)
+    second.settimeout(5)
+    assert request_line(second) == (supervisor.EVENT_ID, event)
+    assert not sup._workers[0].inbox
+
+
+def test_a_frame_length_no_worker_sends_empties_the_inbox(
+        two_workers: tuple[Supervisor, list[socket.socket]]) -> None:
+    sup, (first, _) = two_workers
+    first.sendall((supervisor.MAX_FRAME_BYTES + 1).to_bytes(4, "big") + b"junk")
+    sup._on_control_readable(sup._workers[0])
+    assert not sup._workers[0].inbox

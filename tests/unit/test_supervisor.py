@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import pytest
 
@@ -33,6 +33,16 @@ def request_line(sock: socket.socket) -> tuple[str, str]:
     return request_id, request
 
 
+def ask_while(sup: Supervisor, request: str, worker_side: Callable[[], None]) -> Optional[str]:
+    """Worker 0's answer to ``request`` while ``worker_side`` plays the worker."""
+    thread = threading.Thread(target=worker_side)
+    thread.start()
+    try:
+        return sup._ask(sup._workers[0], request)
+    finally:
+        thread.join(5)
+
+
 def test_an_answer_is_matched_to_its_question(channel: tuple[Supervisor, socket.socket],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     sup, worker_end = channel
@@ -49,12 +59,7 @@ def test_an_answer_is_matched_to_its_question(channel: tuple[Supervisor, socket.
         request_id, request = request_line(worker_end)
         write_frame(worker_end, f"{request_id}\n{{\"asked\": \"{request}\"}}")
 
-    thread = threading.Thread(target=answer_next)
-    thread.start()
-    try:
-        assert sup._ask(sup._workers[0], "config") == '{"asked": "config"}'
-    finally:
-        thread.join(5)
+    assert ask_while(sup, "config", answer_next) == '{"asked": "config"}'
 
 
 def test_frames_round_trip() -> None:
@@ -113,12 +118,7 @@ def test_an_event_that_arrives_during_a_question_is_passed_to_the_other_workers(
         write_frame(first, f"{supervisor.EVENT_ID}\n{event}")  # before its answer
         write_frame(first, f"{request_id}\nanswer to {request}")
 
-    thread = threading.Thread(target=first_worker)
-    thread.start()
-    try:
-        assert sup._ask(sup._workers[0], "config") == "answer to config"
-    finally:
-        thread.join(5)
+    assert ask_while(sup, "config", first_worker) == "answer to config"
     second.settimeout(5)
     assert request_line(second) == (supervisor.EVENT_ID, event)
     first.setblocking(False)
@@ -157,12 +157,7 @@ def test_an_event_read_together_with_an_answer_is_still_passed_on(
         request_id, _ = request_line(first)
         first.sendall(frames(f"{request_id}\nthe answer", f"{supervisor.EVENT_ID}\n{event}"))
 
-    thread = threading.Thread(target=first_worker)
-    thread.start()
-    try:
-        assert sup._ask(sup._workers[0], "metrics") == "the answer"
-    finally:
-        thread.join(5)
+    assert ask_while(sup, "metrics", first_worker) == "the answer"
     second.settimeout(5)
     assert request_line(second) == (supervisor.EVENT_ID, event)
     assert not sup._workers[0].inbox

@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test unit integration typecheck compat run check clean probe dist soak bench bench-micro bench-ceilings bench-logcost
+.PHONY: test unit integration typecheck compat run check clean probe dist soak bench bench-micro bench-ceilings bench-logcost bench-syscalls bench-hotspots bench-fairness screenshot fleet bench-fleet bench-upgrade bench-balance
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,35 @@ bench-ceilings: $(STAMP)
 bench-logcost: $(STAMP)
 	$(VPY) -m benchmarks.logcost
 
+## System calls per connection (strace -c -f over connect/echo/close cycles),
+## rawproxy against HAProxy where it is installed.
+bench-syscalls: $(STAMP)
+	$(VPY) -m benchmarks.syscalls $(BENCH_ARGS)
+
+## Where rawproxy's CPU goes per connection and per request (cProfile).
+bench-hotspots: $(STAMP)
+	$(VPY) -m benchmarks.hotspots --workload churn $(BENCH_ARGS)
+	$(VPY) -m benchmarks.hotspots --workload reqresp --units 20000 $(BENCH_ARGS)
+
+## Balance "random" against "least-connections" with one target 5x slower:
+## requests/s, p50/p99 latency and each target's share (BALANCE_ARGS='--rounds 5').
+BALANCE_ARGS ?=
+bench-balance: $(STAMP)
+	$(VPY) -m benchmarks.balance $(BALANCE_ARGS)
+
+## An upgrade in place (SIGUSR2) against a SIGTERM and restart, under churn:
+## refused, reset and connect latency around the event (benchmarks/upgrade.py).
+UPGRADE_ARGS ?=
+bench-upgrade: $(STAMP)
+	$(VPY) -m benchmarks.upgrade $(UPGRADE_ARGS)
+
+## Does trouble on one app slow another? App B's echo p99 while app A takes a
+## flood from one address (reset by PerClient) or one bulk connection.
+## FAIRNESS_ARGS='--seconds 2 --rounds 1' for a quick run; see --help.
+FAIRNESS_ARGS ?=
+bench-fairness: $(STAMP)
+	$(VPY) -m benchmarks.fairness $(FAIRNESS_ARGS)
+
 ## Micro benchmarks of the hot paths (skipped in `make test`).
 bench-micro: $(STAMP)
 	$(VPY) -m pytest tests/benchmarks --benchmark-enable -p no:xdist $(PYTEST_ARGS)
@@ -100,6 +129,18 @@ clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .hypothesis .benchmarks dist
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
+## A fleet fed by etcd, on loopback: a 3-member etcd cluster (apt-get install
+## etcd-server), 3 rawproxy instances, the probe through each; then a config
+## change, the etcd leader killed, a registered target whose lease runs out.
+fleet:
+	$(PYTHON) -m benchmarks.fleet_demo
+
+## Convergence of 10, 25, 50 instances fed by a 3-member etcd, and the cost of
+## an idle watcher (benchmarks/fleet.py; FLEET_ARGS='--sizes 10 --puts 3').
+FLEET_ARGS ?=
+bench-fleet:
+	$(PYTHON) -m benchmarks.fleet $(FLEET_ARGS)
+
 ## A single-file build: python3 dist/rawproxy.pyz [options] runs the same proxy.
 DIST_DIR ?= dist
 dist:
@@ -110,3 +151,9 @@ dist:
 		-p '/usr/bin/env python3' -o $(DIST_DIR)/rawproxy.pyz
 	rm -rf $(DIST_DIR)/.pyz-build
 	@echo "built $(DIST_DIR)/rawproxy.pyz"
+
+## The status page pictures in README (docs/status-page*.png): local backends,
+## the proxy with traffic, headless Chromium (apt-get install chromium
+## chromium-driver) on its admin endpoint, a wide window and a phone.
+screenshot: $(STAMP)
+	$(VPY) -m tests.screenshot --out docs

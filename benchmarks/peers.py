@@ -18,7 +18,10 @@ temporary directory, and stopped with SIGTERM afterwards:
   default; only where rawproxy has ``--workers``);
 * ``rawproxy-copy`` -- rawproxy ``--no-splice``: bytes through Python's
   ``recv_into``/``send``, the path on Python 3.9 and off Linux (not run by
-  default).
+  default);
+* ``rawproxy-info`` -- rawproxy at ``--log-level info``, one access-log line
+  per connection: next to ``rawproxy`` in one run, it prices that line (not
+  run by default).
 
 ``unavailable()`` says why a peer cannot run here (its binary is missing),
 so the harness skips it with a note instead of failing.
@@ -147,6 +150,10 @@ def _rawproxy_copy_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
     return _rawproxy_argv(ctx, port, target, ("--no-splice",))
 
 
+def _rawproxy_info_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
+    return _rawproxy_argv(ctx, port, target, ("--log-level", "info"))
+
+
 def _rawproxy_has_workers() -> Optional[str]:
     help_text = subprocess.run([sys.executable, str(ROOT / "rawproxy.py"), "--help"],
                                capture_output=True, text=True, check=False).stdout
@@ -213,4 +220,5 @@ PEERS: tuple[Peer, ...] = (
     Peer("threads", _threads_argv, _always),
     Peer("rawproxy-w2", _rawproxy_w2_argv, _rawproxy_has_workers, cpus="0,1", default=False),
     Peer("rawproxy-copy", _rawproxy_copy_argv, _always, default=False),
+    Peer("rawproxy-info", _rawproxy_info_argv, _always, default=False),
 )

@@ -3,5 +3,5 @@
 Standard library only, and nothing imported from rawproxy, so it cannot
 share the proxy's bugs.  Layers, pure code at the bottom:
 
-    cli -> scenario -> checks, local (echo), report -> framing, config
+    cli -> scenario -> checks, local (echo, ports, stopsignals), report -> framing, config
 """

@@ -215,7 +215,9 @@ def run_connection(host: str, port: int, stream_id: int, sizes: Sequence[int],
 
 
 def check_port(target: Target, options: Options, planner: Planner,
-               progress: Optional[Progress] = None) -> PortResult:
+               progress: Optional[Progress] = None,
+               cancel: Optional[threading.Event] = None) -> PortResult:
+    """``cancel`` set: no new connection starts (the run is stopping)."""
     results: list[ConnResult] = []
     lock = threading.Lock()
     started = time.perf_counter()
@@ -224,7 +226,7 @@ def check_port(target: Target, options: Options, planner: Planner,
     def worker(index: int) -> None:
         # The first connection of a port carries the big frame.
         big = index == 0
-        while True:
+        while cancel is None or not cancel.is_set():
             stream_id, sizes = planner.plan(options.frames, options.max_frame, big)
             big = False
             try:
@@ -245,17 +247,20 @@ def check_port(target: Target, options: Options, planner: Planner,
 
 
 def run_checks(targets: Sequence[Target], options: Options, planner: Planner,
-               progress: Optional[Progress] = None) -> list[PortResult]:
+               progress: Optional[Progress] = None,
+               cancel: Optional[threading.Event] = None) -> list[PortResult]:
     """Results in the order of ``targets``.  One port after another, so each
     row's latency and throughput are its own; in load mode every port at once
-    for ``duration_s``, as load."""
+    for ``duration_s``, as load.  Once ``cancel`` is set, no connection starts."""
     results = [PortResult(t, (), 0.0) for t in targets]   # stays failed if a check dies
 
     def check(index: int) -> None:
-        results[index] = check_port(targets[index], options, planner, progress)
+        results[index] = check_port(targets[index], options, planner, progress, cancel)
 
     if options.duration_s is None:
         for index in range(len(targets)):
+            if cancel is not None and cancel.is_set():
+                break
             check(index)
     else:
         _run_all(check, len(targets))

@@ -1,7 +1,10 @@
 """Command line: ``python3 -m probe [--local] [options]``; ``main(argv) -> int``.
 
 Exit status: 0 every check passed, 1 something failed (or local mode could
-not start), 2 bad usage or an unreadable config, 130 interrupted.  The
+not start), 2 bad usage or an unreadable config, 128 + the signal's number
+when stopped by a signal: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP.  A
+stop signal at any moment stops everything the probe started before it
+exits (probe.stopsignals), also where SIGINT was inherited ignored.  The
 report goes to stdout (text, or JSON with ``--json``); a live one-line
 progress display is shown only when stdout is a terminal and not JSON.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +25,7 @@ from .config import ConfigError, load
 from .local import LocalError
 from .report import render, to_json
 from .scenario import run_local, run_remote
+from .stopsignals import Interrupted, StopSignals
 
 PROG = "probe"
 LAUNCHER = Path(__file__).resolve().parent.parent / "rawproxy.py"
@@ -98,6 +103,21 @@ def _live(progress: Progress, enabled: bool) -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    signals = StopSignals()
+    with signals.installed():
+        try:
+            return _run(argv, signals)
+        except KeyboardInterrupt as exc:
+            # The one interrupt of the run (later signals only hurry the
+            # cleanup): whatever a cut ``finally`` did not stop, stop now.
+            signals.stop_all()
+            stopped = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)
+            print(f"{PROG}: interrupted ({stopped.name}); everything it started is stopped",
+                  file=sys.stderr)
+            return stopped.exit_code
+
+
+def _run(argv: Optional[Sequence[str]], signals: StopSignals) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.local and args.host:
@@ -119,15 +139,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with _live(progress, sys.stdout.isatty() and not args.json):
             if args.local:
                 report = run_local(apps, raw, frozenset(args.down), args.proxy, options,
-                                   planner, progress)
+                                   planner, progress, signals)
             else:
                 report = run_remote(apps, args.host or "127.0.0.1", options, planner,
                                     progress)
     except LocalError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
     print(json.dumps(to_json(report), indent=2) if args.json else render(report))
     return 0 if report.ok else 1

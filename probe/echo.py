@@ -11,7 +11,8 @@ so a bare TCP health check is not counted) and remembers the probe stream
 id each one started with, which proves which client reached it.
 ``stop(backend)`` closes its listener from the loop thread and returns once
 it is closed: from then on connects to it are refused.  ``close()`` stops
-everything and joins the thread.
+everything and joins the thread.  ``add(listener)`` serves on a socket the
+caller bound (local mode picks its ports, see probe.ports).
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ from .framing import HEADER_SIZE, stream_of
 
 _PENDING_BYTES = 256 * 1024
 _RECV_BYTES = 256 * 1024
+_CLOSE_TIMEOUT_S = 5.0
 
 
 class EchoBackend:
     __slots__ = ("port", "listener", "served", "streams", "stopped")
 
-    def __init__(self) -> None:
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1024)
+    def __init__(self, listener: Optional[socket.socket] = None) -> None:
+        if listener is None:
+            listener = socket.socket()
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1024)
+        self.listener = listener
         self.listener.setblocking(False)
         self.port: int = self.listener.getsockname()[1]
         self.served = 0
@@ -69,8 +73,9 @@ class EchoServer:
         self._thread = threading.Thread(target=self._run, name="probe-echo", daemon=True)
         self._thread.start()
 
-    def add(self) -> EchoBackend:
-        backend = EchoBackend()
+    def add(self, listener: Optional[socket.socket] = None) -> EchoBackend:
+        """A backend on ``listener`` (bound and listening; its own on port 0 if None)."""
+        backend = EchoBackend(listener)
         self._call(lambda: self._register(backend.listener, backend, selectors.EVENT_READ))
         return backend
 
@@ -83,9 +88,15 @@ class EchoServer:
             return backend.served, tuple(backend.streams)
 
     def close(self) -> None:
+        """Never raises: it runs while stopping, where an error would leave the
+        rest (the proxy) running.  A loop that does not answer is left to die
+        with the process (its thread is a daemon)."""
         if self._thread.is_alive():
-            self._call(self._shutdown)
-        self._thread.join(10)
+            try:
+                self._call(self._shutdown, _CLOSE_TIMEOUT_S)
+            except (TimeoutError, OSError):
+                pass
+        self._thread.join(_CLOSE_TIMEOUT_S)
         self._wake_w.close()
 
     def _call(self, fn: Callable[[], None], timeout_s: float = 10.0) -> None:

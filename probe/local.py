@@ -2,15 +2,20 @@
 
 ``LocalEnv.start()`` gives every target of every app its own echo backend
 on 127.0.0.1 (so who served a connection proves which app it went to),
-except targets named in ``down``: those get a loopback port with nothing
-listening.  Each app's ports are replaced by fresh free ports; every other
-key of the config is written as it was.  No name of the config is ever
-resolved.  Then ``rawproxy.py`` runs on the derived config with
+except targets named in ``down``: those get a loopback port that is bound
+but never listens, so connects to it are refused.  Each app's ports are
+replaced by ports free at the time (probe.ports says where from and why);
+every other key of the config is written as it was.  No name of the config
+is ever resolved.  Then ``rawproxy.py`` runs on the derived config with
 ``--listen-host 127.0.0.1`` until its ``ready:`` line (a port taken
 meanwhile means new ports and another try).  Its stderr is always drained.
 
-``close()`` stops it all, also after a failure or Ctrl-C: SIGTERM to the
-proxy's pid, SIGKILL if it does not exit, then the backends.
+``close()`` stops it all, also after a failure or a stop signal: the
+backends, then SIGTERM to the proxy's pid and SIGKILL if it does not exit
+(after a short grace once a stop signal arrived).  Starting the proxy
+together with recording it, and all of ``close()``, run shielded from stop
+signals (probe.stopsignals): a signal can neither leave a proxy nobody knows
+of nor cut the cleanup short.
 """
 
 from __future__ import annotations
@@ -23,16 +28,22 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
-from typing import Any, Deque, Mapping, Optional, Sequence
+from typing import Any, Callable, Deque, Mapping, Optional, Sequence
 
 from .config import App
 from .echo import EchoBackend, EchoServer
+from .ports import PortPool
+from .stopsignals import StopSignals
 
 READY = "rawproxy.server: ready:"
 _START_TRIES = 5
-_READY_TIMEOUT_S = 15.0
+_READY_TIMEOUT_S = 60.0    # only a proxy that hangs without exiting waits this long
+_STOP_GRACE_S = 20.0       # SIGTERM to SIGKILL: it drains (5 s) and exits meanwhile
+_HURRY_GRACE_S = 1.0       # the same once a stop signal arrived
 _STOP_TIMEOUT_S = 10.0
+_POLL_S = 0.05
 
 
 class LocalError(Exception):
@@ -53,18 +64,6 @@ class LocalTarget:
         if self.backend is None:
             return "down"
         return "stopped" if self.backend.stopped else "up"
-
-
-def free_ports(count: int) -> list[int]:
-    """Loopback ports the kernel just handed out, closed again for the caller."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def derive_config(raw: Mapping[str, Any], addresses: Sequence[Sequence[str]],
@@ -112,65 +111,99 @@ class ProxyProcess:
     def count(self, text: str) -> int:
         return sum(1 for line in list(self.lines) if text in line)
 
-    def stop(self) -> int:
-        """SIGTERM (the proxy drains), SIGKILL if it lingers; its exit code."""
+    def stop(self, grace_s: float = _STOP_GRACE_S,
+             hurry: Callable[[], bool] = lambda: False) -> int:
+        """SIGTERM (the proxy drains), SIGKILL if it lingers past ``grace_s``
+        (``_HURRY_GRACE_S`` as soon as ``hurry()``); its exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            started = time.monotonic()
+            while self.proc.poll() is None:
+                if time.monotonic() - started >= (_HURRY_GRACE_S if hurry() else grace_s):
+                    self.proc.kill()
+                    break
+                try:
+                    self.proc.wait(_POLL_S)
+                except subprocess.TimeoutExpired:
+                    pass
         code = self.proc.wait(_STOP_TIMEOUT_S)
-        self._reader.join(_STOP_TIMEOUT_S)
-        if self.proc.stderr is not None:
+        self._reader.join(_HURRY_GRACE_S if hurry() else _STOP_TIMEOUT_S)
+        # Closing the pipe under a reader still blocked in read() would block
+        # here until that read returns: leave such a pipe to the process exit.
+        if self.proc.stderr is not None and not self._reader.is_alive():
             self.proc.stderr.close()
         return code
 
 
 class LocalEnv:
-    """Backends, derived config and proxy of one local run (see the module doc)."""
+    """Backends, derived config and proxy of one local run (see the module doc).
+
+    ``signals``: the run's stop signals, for the shields and for hurrying;
+    ``close`` is registered with them.  ``ports``: where ports come from."""
 
     def __init__(self, apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
-                 launcher: Path) -> None:
+                 launcher: Path, signals: Optional[StopSignals] = None,
+                 ports: Optional[PortPool] = None) -> None:
         self.apps = apps
         self._raw = raw
         self._down = down
         self._launcher = launcher
+        self._signals = signals if signals is not None else StopSignals()
+        self._ports = ports if ports is not None else PortPool()
         self._echo: Optional[EchoServer] = None
         self._tmp: Optional[tempfile.TemporaryDirectory[str]] = None
+        self._held: list[socket.socket] = []    # the down targets' ports
         self.targets: list[list[LocalTarget]] = []
         self.port_map: dict[int, int] = {}
         self.proxy: Optional[ProxyProcess] = None
+        self.starts = 0                          # proxies started (a retry makes two)
         self.exit_code: Optional[int] = None
+        self.stopping = threading.Event()        # set first thing by close()
+        self._signals.at_stop(self.close)
 
     def start(self) -> None:
-        self._echo = echo = EchoServer()
-        self._tmp = tempfile.TemporaryDirectory(prefix="probe-")
-        dead = iter(free_ports(sum(a in self._down for app in self.apps for a in app.targets)))
+        try:
+            self._start()
+        except OSError as exc:   # no port, no descriptor, no temporary directory...
+            raise LocalError(f"cannot start local mode: {exc.strerror or exc}") from exc
+
+    def _start(self) -> None:
+        with self._signals.shielded():
+            self._echo = echo = EchoServer()
+            self._tmp = tempfile.TemporaryDirectory(prefix="probe-")
         for app in self.apps:
             row = []
             for address in app.targets:
-                backend = None if address in self._down else echo.add()
-                row.append(LocalTarget(app.name, address, backend,
-                                       next(dead) if backend is None else backend.port))
+                if address in self._down:
+                    self._held.append(self._ports.bind(listen=False))
+                    row.append(LocalTarget(app.name, address, None,
+                                           self._held[-1].getsockname()[1]))
+                else:
+                    backend = echo.add(self._ports.bind(listen=True))
+                    row.append(LocalTarget(app.name, address, backend, backend.port))
             self.targets.append(row)
         addresses = [[f"127.0.0.1:{t.port}" for t in row] for row in self.targets]
         path = Path(self._tmp.name) / "config.json"
         for _ in range(_START_TRIES):
             ports = [p for app in self.apps for p in app.ports]
-            self.port_map = dict(zip(ports, free_ports(len(ports))))
+            self.port_map = dict(zip(ports, self._ports.free(len(ports))))
             path.write_text(json.dumps(derive_config(self._raw, addresses, self.port_map),
                                        indent=2))
-            self.proxy = ProxyProcess([sys.executable, str(self._launcher), "--config",
-                                       str(path), "--listen-host", "127.0.0.1",
-                                       "--log-level", "info", "--drain-timeout", "5"])
+            with self._signals.shielded():
+                self.starts += 1
+                self.proxy = ProxyProcess([sys.executable, str(self._launcher), "--config",
+                                           str(path), "--listen-host", "127.0.0.1",
+                                           "--log-level", "info", "--drain-timeout", "5"])
             if self.proxy.wait_ready(_READY_TIMEOUT_S):
                 return
-            self.proxy.stop()
+            self.proxy.stop(hurry=self._hurry)
             if not self.proxy.count("Address already in use"):
                 break
         tail = "\n".join(list(self.proxy.lines)[-10:]) if self.proxy else ""
         raise LocalError(f"rawproxy did not start ({self._launcher}):\n{tail}")
+
+    def _hurry(self) -> bool:
+        return self._signals.hurry
 
     def stop_target(self, target: LocalTarget) -> None:
         if self._echo is not None and target.backend is not None:
@@ -183,17 +216,23 @@ class LocalEnv:
 
     def close(self) -> None:
         """Stop everything started; safe to call twice and after a failed start.
-        Backends first: if checks were interrupted, their connections end, so
-        the proxy's drain has nothing to wait for."""
-        try:
-            if self._echo is not None:
-                self._echo.close()
-                self._echo = None
-        finally:
+        Shielded: a stop signal meanwhile makes it hurry, and is raised at the
+        end.  Backends first: if checks were interrupted, their connections
+        end, so the proxy's drain has nothing to wait for."""
+        with self._signals.shielded():
+            self.stopping.set()
             try:
-                if self.proxy is not None and self.exit_code is None:
-                    self.exit_code = self.proxy.stop()
+                if self._echo is not None:
+                    self._echo.close()
+                    self._echo = None
             finally:
-                if self._tmp is not None:
-                    self._tmp.cleanup()
-                    self._tmp = None
+                try:
+                    if self.proxy is not None and self.exit_code is None:
+                        self.exit_code = self.proxy.stop(hurry=self._hurry)
+                finally:
+                    for sock in self._held:
+                        sock.close()
+                    self._held.clear()
+                    if self._tmp is not None:
+                        self._tmp.cleanup()
+                        self._tmp = None

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .checks import Options, Planner, PortResult, Progress, Target, run_checks
 from .config import App
 from .local import LocalEnv, LocalTarget
+from .stopsignals import StopSignals
 from .report import Check, Phase, Report, SpreadRow
 
 
@@ -34,21 +35,25 @@ def run_remote(apps: Sequence[App], host: str, options: Options, planner: Planne
 
 def run_local(apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
               launcher: Path, options: Options, planner: Planner,
-              progress: Optional[Progress] = None) -> Report:
+              progress: Optional[Progress] = None,
+              signals: Optional[StopSignals] = None) -> Report:
+    """``signals``: the caller's stop signals (probe.stopsignals), whose
+    ``stop_all()`` closes the env should an interrupt land between the
+    ``finally`` below and the shield inside ``env.close()``."""
     started = time.perf_counter()
-    env = LocalEnv(apps, raw, down, launcher)
+    env = LocalEnv(apps, raw, down, launcher, signals)
     try:
         env.start()
         assert env.proxy is not None
         targets = [Target(app.name, port, "127.0.0.1", env.port_map[port])
                    for app in apps for port in app.ports]
-        phase1 = run_checks(targets, options, planner, progress)
+        phase1 = run_checks(targets, options, planner, progress, env.stopping)
         after1 = {id(t): env.served(t) for row in env.targets for t in row}
         stopped = [live[0] for live in ([t for t in row if t.backend is not None]
                                         for row in env.targets) if len(live) >= 2]
         for target in stopped:
             env.stop_target(target)
-        phase2 = run_checks(targets, options, planner, progress)
+        phase2 = run_checks(targets, options, planner, progress, env.stopping)
         after2 = {id(t): env.served(t) for row in env.targets for t in row}
         states = {id(t): _state(t) for row in env.targets for t in row}
         pid = env.proxy.proc.pid

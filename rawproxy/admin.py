@@ -1,47 +1,78 @@
-"""The admin endpoint (``--admin HOST:PORT``): a tiny HTTP/1.1 server on the
-proxy's own event loop.
+"""The admin endpoint (``--admin HOST:PORT`` or ``--admin unix:/path``): a
+tiny HTTP/1.1 server on the proxy's own event loop.
 
 * ``GET /healthz`` -> ``200 ok`` while serving, ``503 draining`` while draining;
 * ``GET /metrics`` -> Prometheus text format 0.0.4 (``metrics.py``);
-* ``GET /config``  -> the running config and each target's health, as JSON.
+* ``GET /config``  -> the running config and each target's health, as JSON;
+* ``GET /``        -> the status page for people (``statuspage.py``), which
+  reads ``/config`` and ``/metrics`` itself every second.
+
+With a token (``--admin-token-file``) every path but ``/healthz`` needs
+``Authorization: Bearer <token>``; without it the answer is 401 with
+``WWW-Authenticate: Bearer``.  The 401 for ``/`` carries a small sign-in
+page: it asks for the token, keeps it in the tab's sessionStorage and
+loads the status page with it (see README).
 
 One request per connection (``Connection: close``).  After the response the
 write side is shut and the rest of the request is read and discarded until
 the client closes (a lingering close): closing with unread bytes would make
-the kernel send RST, and the client could lose the response.  A slow or malicious
-client cannot stall the proxy: requests are read without blocking, capped
-at :data:`MAX_REQUEST_BYTES`, and a connection that has not sent a whole
-request within :data:`REQUEST_TIMEOUT_S` is closed.  At most
-:data:`MAX_CLIENTS` admin connections are open at once; more are closed at
-accept.
+the kernel send RST, and the client could lose the response.  A slow or
+malicious client cannot stall the proxy: requests are read without
+blocking, capped at :data:`MAX_REQUEST_BYTES`, and a connection is closed
+:data:`REQUEST_TIMEOUT_S` after its accept whatever it is doing.  At most
+:data:`MAX_CLIENTS` admin connections are open at once; past that, a new
+client replaces the oldest one that was already answered or has not sent a
+whole request yet (so idle connections cannot lock out a scraper), and is
+refused only when every slot is busy writing an answer.
+
+Out of descriptors (EMFILE and friends) at accept, the listener stops
+reading for a while (:data:`ACCEPT_PAUSE_S`, doubling up to
+:data:`ACCEPT_PAUSE_MAX_S` while it persists), one waiting client is shed
+through a reserve descriptor, and one warning is logged per episode: the
+loop never spins on a listener that stays readable.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
+import os
 import socket
 from typing import Callable, Optional
 
-from . import metrics, netio
-from .loop import EVENT_READ, EVENT_WRITE, EventLoop, Timer
+from . import metrics, netio, statuspage
+from .adminsock import (AdminAddress, SocketFile, is_authorized, open_listener,
+                        remove_socket_file, socket_identity)
+from .loop import EVENT_ERROR, EVENT_READ, EVENT_WRITE, EventLoop, Timer
 
 log = logging.getLogger("rawproxy.admin")
 
 MAX_REQUEST_BYTES = 8192
 REQUEST_TIMEOUT_S = 5.0
 MAX_CLIENTS = 64
+ACCEPT_BATCH = 16
+ACCEPT_PAUSE_S = 0.1
+ACCEPT_PAUSE_MAX_S = 2.0
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large",
+_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+            405: "Method Not Allowed", 408: "Request Timeout",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
+_HTML = "text/html; charset=utf-8"
+_PATHS = ("/", "/healthz", "/metrics", "/config")
+# The page's own script and styles are inline; it loads nothing else and
+# talks only to this endpoint.  No framing: the sign-in page takes a token.
+_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                "frame-ancestors 'none'")
 
 Response = tuple[int, str, bytes]  # status, content type, body
 
 
 class AdminHandlers:
     """What the endpoints answer; the server (or the supervisor of several
-    workers) supplies the three views."""
+    workers) supplies the three views.  Who may ask is AdminServer's business."""
 
     def __init__(self, is_draining: Callable[[], bool],
                  metrics_text: Callable[[], str],
@@ -49,10 +80,17 @@ class AdminHandlers:
         self._is_draining = is_draining
         self._metrics_text = metrics_text
         self._config_view = config_view
+        self._page = b""  # read on the first request for it
+
+    def respond_async(self, method: str, path: str,
+                      reply: Callable[[Response], None]) -> None:
+        """Answer through ``reply``, now or later on the loop (the supervisor
+        answers once its workers have); the connection waits meanwhile."""
+        reply(self.respond(method, path))
 
     def respond(self, method: str, path: str) -> Response:
         path = path.split("?", 1)[0]
-        if path not in ("/healthz", "/metrics", "/config"):
+        if path not in _PATHS:
             return 404, "text/plain", b"not found\n"
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
@@ -60,6 +98,10 @@ class AdminHandlers:
             if self._is_draining():
                 return 503, "text/plain", b"draining\n"
             return 200, "text/plain", b"ok\n"
+        if path == "/":
+            if not self._page:
+                self._page = statuspage.load_page()
+            return 200, _HTML, self._page
         if path == "/metrics":
             body = self._metrics_text().encode()
             return 200, metrics.CONTENT_TYPE, body
@@ -67,10 +109,20 @@ class AdminHandlers:
         return 200, "application/json", body
 
 
+def _head_end(data: bytes) -> int:
+    """Offset of the blank line ending the request head, or -1.  Bare LF
+    line ends are taken too (RFC 9112 2.2: a recipient MAY)."""
+    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def _lines(head: bytes) -> list[bytes]:
+    return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
+
+
 def parse_request_head(head: bytes) -> Optional[tuple[str, str]]:
     """(method, path) from the request line, or None if it is not HTTP/1.x."""
-    line = head.split(b"\r\n", 1)[0]
-    parts = line.split(b" ")
+    parts = _lines(head)[0].split(b" ")
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
         return None
     try:
@@ -79,34 +131,60 @@ def parse_request_head(head: bytes) -> Optional[tuple[str, str]]:
         return None
 
 
+def header_value(head: bytes, name: str) -> Optional[str]:
+    """The first value of header ``name`` (any case) in a request head, or None."""
+    wanted = name.lower().encode("ascii")
+    for line in _lines(head)[1:]:
+        key, sep, value = line.partition(b":")
+        if sep and key.strip().lower() == wanted:
+            return value.strip().decode("latin-1")
+    return None
+
+
 def format_response(status: int, content_type: str, body: bytes, head_only: bool) -> bytes:
-    allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
+    extra = ""
+    if status == 405:
+        extra += "Allow: GET, HEAD\r\n"
+    if status == 401:
+        extra += 'WWW-Authenticate: Bearer realm="rawproxy"\r\n'
+    if content_type == _HTML:
+        extra += f"Content-Security-Policy: {_PAGE_POLICY}\r\nReferrer-Policy: no-referrer\r\n"
     head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            f"{allow}Connection: close\r\n\r\n").encode("ascii")
+            f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            f"{extra}Connection: close\r\n\r\n").encode("ascii")
     return head if head_only else head + body
 
 
+class _Phase(enum.Enum):
+    READING = "reading"      # waiting for a whole request head
+    WAITING = "waiting"      # for the handlers' answer (respond_async)
+    WRITING = "writing"      # sending the response
+    LINGERING = "lingering"  # answered; discarding until the client closes
+    CLOSED = "closed"
+
+
 class _AdminConnection:
-    __slots__ = ("_admin", "sock", "fd", "_request", "_response", "_timer", "_lingering")
+    __slots__ = ("_admin", "sock", "fd", "phase", "_request", "_response", "_timer")
 
     def __init__(self, admin: AdminServer, sock: socket.socket) -> None:
         self._admin = admin
         self.sock = sock
         self.fd = sock.fileno()
+        self.phase = _Phase.READING
         self._request = b""
         self._response = memoryview(b"")
-        self._lingering = False
         self._timer: Optional[Timer] = admin.loop.call_later(REQUEST_TIMEOUT_S, self._on_timeout)
 
     def on_events(self, events: int) -> None:
         try:
-            if self._lingering:
-                self._discard()
-                return
-            if events & EVENT_READ and not self._response:
+            if events & EVENT_ERROR:  # reset while waiting for the answer
+                self.close()
+            elif self.phase is _Phase.LINGERING:
+                self._recv()
+            elif self.phase is _Phase.READING:
                 self._read()
-            if self._response:
+            if self.phase is _Phase.WRITING:
                 self._write()
         except OSError:
             self.close()
@@ -126,21 +204,46 @@ class _AdminConnection:
         if not data:
             return
         self._request += data
-        end = self._request.find(b"\r\n\r\n")
+        end = _head_end(self._request)
         if end < 0:
             if len(self._request) >= MAX_REQUEST_BYTES:
                 self._reply(431, "text/plain", b"request too large\n", False)
             return
-        parsed = parse_request_head(self._request[:end])
+        head = self._request[:end]
+        self._request = b""
+        parsed = parse_request_head(head)
         if parsed is None:
             self._reply(400, "text/plain", b"bad request\n", False)
             return
         method, path = parsed
-        status, content_type, body = self._admin.handlers.respond(method, path)
-        self._reply(status, content_type, body, method == "HEAD")
+        head_only = method == "HEAD"
+        denied = self._admin.check_token(path, header_value(head, "Authorization"))
+        if denied is not None:
+            self._reply(*denied, head_only)
+            return
+        self.phase = _Phase.WAITING
+        self._admin.loop.set_interest(self.fd, 0)
+
+        def reply(response: Response) -> None:
+            if self.phase is not _Phase.WAITING:  # closed meanwhile (timeout, reset)
+                return
+            self._reply(*response, head_only)
+            try:
+                self._write()  # at once: a late answer comes from outside on_events
+            except OSError:
+                self.close()
+
+        try:
+            self._admin.handlers.respond_async(method, path, reply)
+        except Exception:
+            # A view that fails is one failed request, not a connection left
+            # hanging until its timer.
+            log.exception("admin: %s %s failed", method, path)
+            reply((500, "text/plain", b"internal error\n"))
 
     def _reply(self, status: int, content_type: str, body: bytes, head_only: bool) -> None:
         self._response = memoryview(format_response(status, content_type, body, head_only))
+        self.phase = _Phase.WRITING
         self._admin.loop.set_interest(self.fd, EVENT_WRITE)
 
     def _write(self) -> None:
@@ -151,75 +254,186 @@ class _AdminConnection:
         self._response = self._response[sent:]
         if not self._response:
             self.sock.shutdown(socket.SHUT_WR)
-            self._lingering = True
+            self.phase = _Phase.LINGERING
             self._admin.loop.set_interest(self.fd, EVENT_READ)
-
-    def _discard(self) -> None:
-        self._recv()
 
     def _on_timeout(self) -> None:
         self._timer = None
         self.close()
 
     def close(self) -> None:
+        if self.phase is _Phase.CLOSED:
+            return
+        self.phase = _Phase.CLOSED
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._admin.loop.unwatch(self.fd)
         netio.close(self.sock)
-        self._admin.connections.discard(self)
+        self._admin.connections.pop(self, None)
 
 
 class AdminServer:
-    def __init__(self, loop: EventLoop, handlers: AdminHandlers, host: str, port: int,
-                 sock: Optional[socket.socket] = None) -> None:
+    """The listener and its connections.  ``token`` (``--admin-token-file``):
+    every path but ``/healthz`` then needs ``Authorization: Bearer <token>``."""
+
+    def __init__(self, loop: EventLoop, handlers: AdminHandlers, address: AdminAddress,
+                 sock: Optional[socket.socket] = None, token: Optional[str] = None) -> None:
         self.loop = loop
         self.handlers = handlers
-        self.host = host
-        self.port = port
-        self.connections: set[_AdminConnection] = set()
+        self.address = address
+        self.port = address.port
+        self._token = token
+        self._signin = statuspage.load_signin() if token is not None else b""
+        # Insertion-ordered: the oldest connection comes first.
+        self.connections: dict[_AdminConnection, None] = {}
         self._sock = sock  # already bound (the supervisor binds before forking)
+        self._socket_file: Optional[SocketFile] = None
+        self._reserve_fd = -1
+        self._pause_s = 0.0  # 0 while accepting; else the current pause
+        self._resume_timer: Optional[Timer] = None
 
     def start(self) -> None:
         """Bind (unless given a bound socket) and listen; raises OSError."""
         if self._sock is None:
-            self._sock = netio.open_listener(self.host, self.port, 64)
-        self.port = self._sock.getsockname()[1]
+            self._sock = open_listener(self.address)
+        if self.address.path is None:
+            self.port = self._sock.getsockname()[1]
+            self.address = self.address.with_port(self.port)
+        self._socket_file = socket_identity(self._sock)
+        self._reserve_fd = _open_reserve_fd()
         self.loop.watch(self._sock.fileno(), self._on_accept)
         self.loop.set_interest(self._sock.fileno(), EVENT_READ)
-        log.info("admin endpoint on http://%s/",
-                 netio.format_sockaddr((self.host, self.port)))
+        log.info("admin endpoint on %s", self.address.url())
+
+    def check_token(self, path: str, authorization: Optional[str]) -> Optional[Response]:
+        """None if the request may go on, else the 401 to answer."""
+        path = path.split("?", 1)[0]
+        if self._token is None or path == "/healthz" or is_authorized(authorization,
+                                                                      self._token):
+            return None
+        if path == "/":  # a browser: the page that asks for the token
+            return 401, _HTML, self._signin
+        return 401, "text/plain", b"unauthorized: send Authorization: Bearer <token>\n"
+
+    def _accept(self) -> socket.socket:
+        """One pending client (raises like socket.accept); a seam for tests."""
+        assert self._sock is not None
+        return self._sock.accept()[0]
 
     def _on_accept(self, events: int) -> None:
-        assert self._sock is not None
-        for _ in range(16):
+        if self._sock is None:
+            return
+        if events & EVENT_ERROR:  # reported only while paused: nothing to act on
+            self.loop.mute(self._sock.fileno())
+            return
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = self._sock.accept()
+                sock = self._accept()
             except netio.WOULD_BLOCK:
-                return
+                break
             except OSError as exc:
-                log.warning("admin accept failed: %s", exc.strerror or exc)
+                if exc.errno in netio.ACCEPT_TRANSIENT_ERRNOS:
+                    continue
+                if exc.errno in netio.ACCEPT_RESOURCE_ERRNOS:
+                    self._shed_one()
+                self._pause(exc)
                 return
-            if len(self.connections) >= MAX_CLIENTS:
-                netio.abort(sock)
-                continue
-            sock.setblocking(False)
-            conn = _AdminConnection(self, sock)
-            self.connections.add(conn)
-            self.loop.watch(conn.fd, conn.on_events)
-            self.loop.set_interest(conn.fd, EVENT_READ)
+            self._admit(sock)
+        if self._pause_s:
+            log.info("admin accept resumed")
+            self._pause_s = 0.0
+
+    def _admit(self, sock: socket.socket) -> None:
+        if len(self.connections) >= MAX_CLIENTS and not self._evict_one():
+            netio.abort(sock)
+            return
+        sock.setblocking(False)
+        conn = _AdminConnection(self, sock)
+        self.connections[conn] = None
+        self.loop.watch(conn.fd, conn.on_events)
+        self.loop.set_interest(conn.fd, EVENT_READ)
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection not busy writing an answer, if any."""
+        for phase in (_Phase.LINGERING, _Phase.READING):
+            for conn in self.connections:
+                if conn.phase is phase:
+                    conn.close()
+                    return True
+        return False
+
+    def _shed_one(self) -> None:
+        """libuv's trick (as server.py): spend the reserve descriptor to accept
+        and close one waiting client, so it hears at once."""
+        if self._reserve_fd < 0:
+            return
+        os.close(self._reserve_fd)
+        self._reserve_fd = -1
+        try:
+            netio.abort(self._accept())
+        except OSError:
+            pass
+        self._reserve_fd = _open_reserve_fd()
+
+    def _pause(self, exc: OSError) -> None:
+        """Stop reading the listener for a while; warn once per episode."""
+        assert self._sock is not None
+        reason = exc.strerror or exc
+        if not self._pause_s:
+            log.warning("admin accept failed: %s; pausing admin accepts", reason)
+        else:
+            log.debug("admin accept still failing: %s", reason)
+        self._pause_s = min(max(self._pause_s * 2, ACCEPT_PAUSE_S), ACCEPT_PAUSE_MAX_S)
+        self.loop.set_interest(self._sock.fileno(), 0)
+        self._resume_timer = self.loop.call_later(self._pause_s, self._resume)
+
+    def _resume(self) -> None:
+        self._resume_timer = None
+        if self._sock is None:
+            return
+        if self._reserve_fd < 0:
+            self._reserve_fd = _open_reserve_fd()
+        self.loop.set_interest(self._sock.fileno(), EVENT_READ)
+
+    @property
+    def listening_socket(self) -> Optional[socket.socket]:
+        return self._sock
+
+    def hand_over(self) -> None:
+        """Close, leaving the unix socket file to the process that now serves
+        the same socket (an upgrade)."""
+        self._socket_file = None
+        self.close()
 
     def close_after_fork(self) -> None:
-        """In a forked child: close the descriptors, leave the parent's loop alone."""
+        """In a forked child: close the descriptors, leave the parent's loop
+        (and the unix socket file, which the parent still serves) alone."""
         for conn in self.connections:
             netio.close(conn.sock)
         if self._sock is not None:
             netio.close(self._sock)
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
 
     def close(self) -> None:
         for conn in list(self.connections):
             conn.close()
+        if self._resume_timer is not None:
+            self._resume_timer.cancel()
+            self._resume_timer = None
+        if self._reserve_fd >= 0:
+            os.close(self._reserve_fd)
+            self._reserve_fd = -1
         if self._sock is not None:
             self.loop.unwatch(self._sock.fileno())
             netio.close(self._sock)
             self._sock = None
+            remove_socket_file(self._socket_file)
+
+
+def _open_reserve_fd() -> int:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1  # out of descriptors already; retried when accepting resumes

@@ -12,13 +12,23 @@ Contract (SPEC §2 and §3):
 
   Indices are 0-based; an app is named in the path once its ``Name`` is a
   valid name.  Values are shown as JSON (strings quoted), shortened when long,
-  with unprintable characters escaped so the message stays on one line.
+  with unprintable characters escaped so the message stays on one line
+  (:mod:`rawproxy.jsontext`, which also turns the text into values).
 * The first error in document order is reported.  Missing required keys are
   noticed at the end of their object, and a duplicated key before any other
   key of its object (the parser keeps no position for the second copy).
 * Values come out canonical: IPv6 hosts in compressed form, host names
   lower-cased, ``AllowFrom`` entries as networks (a bare address is a /32
   or /128), every default filled in.
+* ``app_view(app)`` is the way back: the app's keys under their JSON names,
+  defaults filled, optional keys that are unset left out, such that
+  ``parse_config`` of ``{"Apps": [app_view(app), ...]}`` gives the same apps.
+
+Every key is one row of a key table at the end of this module (JSON name,
+parser, field, view, ``--check`` summary; the default is the dataclass
+field's); a nested object is a table of its own.  Allowed keys, required
+keys, parsing, view and summary are read from the tables by
+:mod:`rawproxy.configschema`.  A new key is one row, one parser, one field.
 
 Defaults and limits beyond the SPEC, chosen so a value that validates here
 cannot make the event loop or the balancer fail later:
@@ -26,13 +36,20 @@ cannot make the event loop or the balancer fail later:
 * ``ConnectTimeout`` defaults to 3 s; ``IdleTimeout`` to none.  Every timeout
   and interval is a number > 0 and at most :data:`MAX_TIMEOUT_S` (7 days):
   larger values overflow ``epoll``/``select`` timeouts.
-* ``HealthCheck.Timeout`` defaults to ``min(Interval, ConnectTimeout)``: a
-  check is a TCP connect, so it gets the app's connect limit, and never
-  outlives its own interval.
+* ``HealthCheck.Interval`` and ``HealthCheck.Timeout`` are at least
+  :data:`MIN_CHECK_INTERVAL_S` / :data:`MIN_CHECK_TIMEOUT_S` (0.1 s): see
+  there.  ``Timeout`` defaults to ``min(Interval, ConnectTimeout)`` (a check
+  is a TCP connect, so it gets the app's connect limit, and never outlives
+  its own interval), raised to that floor.
 * ``Weight`` is an integer from 1 to :data:`MAX_WEIGHT`: weighted random
   choice sums weights as floats.
+* ``Concurrency.SoftLimit`` defaults to its ``HardLimit`` (no preference
+  tier); ``QueueTimeout`` defaults to 5 s and ``Balance`` to ``"random"``
+  (SPEC 9; the dataclasses and defaults are in :mod:`rawproxy.configtypes`).
 * ``Name`` must be printable (no control or line-separator characters): it
   is written into one-line logs and metric labels.
+* ``PerClient.Rate`` is at most :data:`MAX_RATE`; a file is read up to
+  :data:`MAX_CONFIG_BYTES` (16 MiB) and refused beyond.
 * JSON ``NaN``/``Infinity`` literals are invalid JSON here; bytes must be
   UTF-8 (a leading byte-order mark is ignored).
 
@@ -43,118 +60,51 @@ system.
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import re
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Mapping, NoReturn, Optional, Protocol, Union
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Union
+
+from . import jsontext
+from .configschema import (Context, Invalid, Key, Table, as_int, as_number, at, nested,
+                           nested_some, nested_view, parse_address, parse_choice, parse_count,
+                           parse_networks, parse_object, parse_seconds, plain, require_list,
+                           summaries, view_object)
+from .configtypes import (BALANCE_LEAST_CONNECTIONS, BALANCE_POLICIES, BALANCE_RANDOM,
+                          DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_QUEUE_TIMEOUT_S, App, Concurrency,
+                          Config, HealthCheck, IPNetwork, PerClient, Target)
+from .counters import DEFAULT_CAPACITY
+from .jsontext import describe, render
 
 __all__ = [
-    "DEFAULT_CONNECT_TIMEOUT_S",
-    "MAX_TIMEOUT_S",
-    "MAX_WEIGHT",
-    "PROXY_PROTOCOL_VERSIONS",
-    "App",
-    "Config",
-    "ConfigError",
-    "ConfigSource",
-    "FileConfigSource",
+    "BALANCE_LEAST_CONNECTIONS", "BALANCE_POLICIES", "BALANCE_RANDOM",
+    "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_QUEUE_TIMEOUT_S", "MAX_CONFIG_BYTES", "MAX_NAMES",
+    "MAX_RATE", "MAX_TIMEOUT_S", "MAX_WEIGHT",
+    "MIN_CHECK_INTERVAL_S", "MIN_CHECK_TIMEOUT_S", "PROXY_PROTOCOL_VERSIONS",
+    "App", "Concurrency", "Config", "ConfigError", "ConfigSource", "FileConfigSource",
     "HealthCheck",
-    "IPNetwork",
-    "Target",
-    "format_summary",
-    "load_config",
-    "parse_config",
+    "IPNetwork", "PerClient", "Target",
+    "app_view", "format_summary", "load_config", "parse_config",
 ]
 
-DEFAULT_CONNECT_TIMEOUT_S = 3.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_WEIGHT = 1_000_000
+MAX_NAMES = DEFAULT_CAPACITY  # apps plus targets: the shared counters' slots
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # read no more: --config /dev/zero must not eat memory
+MAX_RATE = 1e6  # PerClient Rate: new connections a second, far above any loop's
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
-
-# Evaluated at run time (isinstance, dataclass field types for
-# typing.get_type_hints), so Union rather than ``|`` on Python 3.9.
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
-
-_TOP_KEYS = ("Apps",)
-_APP_KEYS = (
-    "Name", "Ports", "Targets", "ConnectTimeout", "IdleTimeout",
-    "MaxConnections", "ProxyProtocol", "HealthCheck", "AllowFrom",
-)
-_APP_REQUIRED = ("Name", "Ports", "Targets")
-_TARGET_KEYS = ("Address", "Weight")
-_HEALTH_KEYS = ("Interval", "Timeout")
-
-_PORT_TEXT = re.compile(r"[0-9]{1,5}")
-_DNS_LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
-_MAX_DNS_NAME = 253
-# Finds the first NaN/Infinity literal outside strings; used only to say
-# where one is, after the parser already met it.
-_STRING_OR_CONSTANT = re.compile(r'"(?:[^"\\]|\\.)*"|NaN|-?Infinity', re.DOTALL)
-_MAX_RENDERED = 60
-
+# A check (socket, non-blocking connect, loop registration, close) is part
+# of what a proxied connection costs the one loop thread, 156 us of CPU in
+# NOTES' churn runs: every 0.1 s that is at most ~0.16 % of the loop per
+# target, where 1e-6 s would spin it.  HAProxy's ``inter`` defaults to 2 s;
+# finding a dead target sooner is passive health's job (the first failed
+# client connect marks it down at once).
+MIN_CHECK_INTERVAL_S = 0.1
+# A check timeout below a round trip plus a busy loop's latency marks live
+# targets down; the same floor as the interval keeps the rule one number.
+MIN_CHECK_TIMEOUT_S = 0.1
 
 class ConfigError(Exception):
     """Invalid config; ``str()`` is the one-line message for the user."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """One backend of an app; ``host`` is canonical (see module docstring)."""
-
-    host: str
-    port: int
-    weight: int = 1
-    # ``host:port`` or ``[v6]:port``: the target's identity in logs and
-    # metrics; computed once, since the relay reads it per connection.
-    address: str = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        object.__setattr__(self, "address", f"{host}:{self.port}")
-
-
-@dataclass(frozen=True)
-class HealthCheck:
-    interval_s: float
-    timeout_s: float
-
-
-@dataclass(frozen=True)
-class App:
-    name: str
-    ports: tuple[int, ...]
-    targets: tuple[Target, ...]
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    idle_timeout_s: Optional[float] = None
-    max_connections: Optional[int] = None
-    proxy_protocol: Optional[str] = None
-    health_check: Optional[HealthCheck] = None
-    allow_from: tuple[IPNetwork, ...] = ()
-
-
-@dataclass(frozen=True)
-class Config:
-    """Every app; ``source`` names where it came from (used in messages)."""
-
-    apps: tuple[App, ...]
-    source: str
-    _by_port: Mapping[int, App] = field(
-        init=False, repr=False, compare=False, hash=False)
-
-    def __post_init__(self) -> None:
-        by_port = {port: app for app in self.apps for port in app.ports}
-        # Frozen dataclass: the derived index is set once, here.
-        object.__setattr__(self, "_by_port", MappingProxyType(by_port))
-
-    @property
-    def ports(self) -> Mapping[int, App]:
-        """Read-only ``port -> app`` for every listening port."""
-        return self._by_port
-
-    def app_for_port(self, port: int) -> Optional[App]:
-        return self._by_port.get(port)
 
 
 class ConfigSource(Protocol):
@@ -179,33 +129,44 @@ def load_config(path: str) -> Config:
     """Read and parse the file at ``path``; messages name it as given."""
     try:
         with open(path, "rb") as stream:
-            data = stream.read()
+            data = stream.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (16 MiB): "
+                          "not a config file")
     return parse_config(data, path)
 
 
-def parse_config(text: Union[str, bytes], source: str) -> Config:
+def parse_config(text: Union[str, bytes], source: str, *,
+                 allow_empty_targets: bool = False) -> Config:
     """Validate the JSON ``text`` of a config; ``source`` prefixes messages."""
     try:
-        document = _load_json(_decode(text))
-        return Config(apps=_parse_top(document), source=source)
-    except _Invalid as exc:
+        document = jsontext.load(text)
+        apps = parse_object(document, "", _TOP_TABLE, Context(
+            allow_empty_targets=allow_empty_targets))
+        return Config(apps=apps, source=source)
+    except jsontext.JSONTextError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except Invalid as exc:
         where = f"{exc.where}: " if exc.where else ""
         raise ConfigError(f"{source}: {where}{exc.what}") from None
 
 
-# --- Formatting for --check ---------------------------------------------------
+def app_view(app: App) -> dict[str, object]:
+    """``app`` as its config keys (see the module docstring)."""
+    return view_object(app, _APP_TABLE)
+
 
 def format_summary(config: Config) -> str:
     """Several lines for ``--check``: apps, ports, targets, non-defaults."""
     lines: list[str] = []
     for app in config.apps:
         ports = ", ".join(str(port) for port in app.ports)
-        lines.append(f"app {_render(app.name)}: ports {ports}")
+        lines.append(f"app {render(app.name)}: ports {ports}")
         for target in app.targets:
             lines.append(f"  target {target.address} weight {target.weight}")
-        lines.extend(f"  {setting}" for setting in _non_defaults(app))
+        lines.extend(f"  {setting}" for setting in summaries(app, _APP_TABLE, _APP_DEFAULTS))
     n_ports = sum(len(app.ports) for app in config.apps)
     n_targets = sum(len(app.targets) for app in config.apps)
     lines.append(
@@ -214,452 +175,229 @@ def format_summary(config: Config) -> str:
     return "\n".join(lines)
 
 
-def _non_defaults(app: App) -> list[str]:
-    settings: list[str] = []
-    if app.connect_timeout_s != DEFAULT_CONNECT_TIMEOUT_S:
-        settings.append(f"connect timeout {app.connect_timeout_s:g}s")
-    if app.idle_timeout_s is not None:
-        settings.append(f"idle timeout {app.idle_timeout_s:g}s")
-    if app.max_connections is not None:
-        settings.append(f"max connections {app.max_connections}")
-    if app.proxy_protocol is not None:
-        settings.append(f"proxy protocol {app.proxy_protocol}")
-    if app.health_check is not None:
-        check = app.health_check
-        settings.append(f"health check every {check.interval_s:g}s, "
-                        f"timeout {check.timeout_s:g}s")
-    if app.allow_from:
-        settings.append("allow from " + ", ".join(str(n) for n in app.allow_from))
-    return settings
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-# --- JSON text -> Python values ---------------------------------------------
+# --- Apps -----------------------------------------------------------------------
 
-class _Invalid(Exception):
-    """Internal: what is wrong and where; ``parse_config`` adds the source."""
-
-    def __init__(self, where: str, what: str) -> None:
-        super().__init__(where, what)
-        self.where = where
-        self.what = what
-
-
-class _NonFiniteLiteral(Exception):
-    """Internal: the parser met NaN, Infinity or -Infinity."""
-
-
-class _ObjectWithDuplicateKey(dict[str, Any]):
-    """A JSON object that repeated ``duplicate_key``; reported where used."""
-
-    def __init__(self, pairs: list[tuple[str, Any]], duplicate_key: str) -> None:
-        super().__init__(pairs)
-        self.duplicate_key = duplicate_key
-
-
-def _decode(text: Union[str, bytes]) -> str:
-    if isinstance(text, str):
-        return text[1:] if text.startswith("\ufeff") else text
-    try:
-        return text.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = text.count(b"\n", 0, exc.start) + 1
-        column = exc.start - (text.rfind(b"\n", 0, exc.start) + 1) + 1
-        raise _Invalid("", f"not UTF-8 text: byte 0x{text[exc.start]:02x} "
-                           f"at line {line} column {column}") from None
-
-
-def _load_json(text: str) -> object:
-    try:
-        return json.loads(text, object_pairs_hook=_object_from_pairs,
-                          parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise _Invalid("", f"invalid JSON at line {exc.lineno} column "
-                           f"{exc.colno}: {exc.msg}") from None
-    except _NonFiniteLiteral as exc:
-        raise _Invalid("", _constant_message(text, str(exc))) from None
-    except RecursionError:
-        raise _Invalid("", "invalid JSON: nested too deeply") from None
-    except ValueError as exc:
-        # Integers beyond sys.get_int_max_str_digits() (Python 3.11+); the
-        # advice after the colon is about Python, not the config.
-        raise _Invalid("", f"invalid JSON: {str(exc).split(':')[0]}") from None
-
-
-def _object_from_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) == len(pairs):
-        return obj
-    seen: set[str] = set()
-    for key, _ in pairs:
-        if key in seen:
-            return _ObjectWithDuplicateKey(pairs, key)
-        seen.add(key)
-    raise AssertionError("unreachable: fewer keys than pairs")
-
-
-def _reject_constant(literal: str) -> NoReturn:
-    raise _NonFiniteLiteral(literal)
-
-
-def _constant_message(text: str, literal: str) -> str:
-    for match in _STRING_OR_CONSTANT.finditer(text):
-        if not match.group().startswith('"'):
-            pos = match.start()
-            line = text.count("\n", 0, pos) + 1
-            column = pos - (text.rfind("\n", 0, pos) + 1) + 1
-            return (f"invalid JSON at line {line} column {column}: "
-                    f"{match.group()} is not a number in JSON")
-    return f"invalid JSON: {literal} is not a number in JSON"
-
-
-# --- Rendering values in messages -------------------------------------------
-
-def _render(value: object) -> str:
-    """``value`` as JSON on one printable line, shortened when long."""
-    text = json.dumps(value, ensure_ascii=False)
-    text = "".join(c if c.isprintable() else _escape(c) for c in text)
-    if len(text) > _MAX_RENDERED:
-        text = text[:_MAX_RENDERED - 3] + "..."
-    return text
-
-
-def _escape(char: str) -> str:
-    code = ord(char)
-    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
-
-
-def _describe(value: object) -> str:
-    """Short description for "must be X, not ..." messages."""
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "an empty list" if not value else "a list"
-    return _render(value)
-
-
-def _as_int(value: object) -> Optional[int]:
-    # JSON true/false arrive as bool, a subclass of int: not a number here.
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _as_number(value: object) -> Optional[Union[int, float]]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _at(where: str, key: str) -> str:
-    return f"{where} {key}" if where else key
-
-
-# --- Structure helpers --------------------------------------------------------
-
-def _require_object(value: object, where: str, shape: str) -> dict[str, object]:
-    if not isinstance(value, dict):
-        raise _Invalid(where, f"must be an object like {shape}, not {_describe(value)}")
-    if isinstance(value, _ObjectWithDuplicateKey):
-        raise _Invalid(where, f"duplicate key {_render(value.duplicate_key)}")
-    return value
-
-
-def _require_list(value: object, where: str, of_what: str) -> list[object]:
-    if not isinstance(value, list) or not value:
-        raise _Invalid(where, f"must be a non-empty list of {of_what}, "
-                              f"not {_describe(value)}")
-    return value
-
-
-def _check_key(key: str, allowed: tuple[str, ...], where: str) -> None:
-    if key not in allowed:
-        raise _Invalid(where, f"unknown key {_render(key)} "
-                              f"(allowed: {', '.join(allowed)})")
-
-
-def _check_required(obj: dict[str, object], required: tuple[str, ...],
-                    where: str) -> None:
-    for key in required:
-        if key not in obj:
-            raise _Invalid(where, f"missing required key {_render(key)}")
-
-
-# --- Top level and apps -----------------------------------------------------
-
-def _parse_top(document: object) -> tuple[App, ...]:
-    top = _require_object(document, "", '{"Apps": [...]}')
-    for key in top:
-        _check_key(key, _TOP_KEYS, "")
-    _check_required(top, _TOP_KEYS, "")
-    raw_apps = _require_list(top["Apps"], "Apps", "apps")
+def _parse_apps(value: object, where: str, context: Context) -> tuple[App, ...]:
+    raw_apps = require_list(value, where, "apps")
     names: dict[str, int] = {}
     port_owners: dict[int, str] = {}
     apps: list[App] = []
     for index, raw_app in enumerate(raw_apps):
-        app = _parse_app(raw_app, index, names, port_owners)
+        app_where = f"{where}[{index}]"
+        known_name = raw_app.get(_NAME_KEY) if isinstance(raw_app, dict) else None
+        if _is_valid_name(known_name):
+            app_where = f"{app_where} {render(known_name)}"
+        app = parse_object(raw_app, app_where, _APP_TABLE,
+                           Context(names, port_owners, context.allow_empty_targets))
         names[app.name] = index
         port_owners.update((port, app.name) for port in app.ports)
         apps.append(app)
+    if len(apps) + sum(len(app.targets) for app in apps) > MAX_NAMES:
+        # Each app and each target is a slot of the shared connection
+        # counters (rawproxy.counters), which has room for this many.
+        raise Invalid(where, f"more than {MAX_NAMES} apps and targets together")
     return tuple(apps)
-
-
-@dataclass
-class _AppDraft:
-    """An app's fields as they are validated, before defaults depend on them."""
-
-    name: str = ""
-    ports: tuple[int, ...] = ()
-    targets: tuple[Target, ...] = ()
-    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
-    idle_timeout_s: Optional[float] = None
-    max_connections: Optional[int] = None
-    proxy_protocol: Optional[str] = None
-    health_check: Optional[tuple[float, Optional[float]]] = None
-    allow_from: tuple[IPNetwork, ...] = ()
-
-    def build(self) -> App:
-        check = None
-        if self.health_check is not None:
-            interval_s, timeout_s = self.health_check
-            if timeout_s is None:
-                timeout_s = min(interval_s, self.connect_timeout_s)
-            check = HealthCheck(interval_s=interval_s, timeout_s=timeout_s)
-        return App(
-            name=self.name, ports=self.ports, targets=self.targets,
-            connect_timeout_s=self.connect_timeout_s,
-            idle_timeout_s=self.idle_timeout_s,
-            max_connections=self.max_connections,
-            proxy_protocol=self.proxy_protocol, health_check=check,
-            allow_from=self.allow_from)
-
-
-def _parse_app(raw: object, index: int, names: Mapping[str, int],
-               port_owners: Mapping[int, str]) -> App:
-    where = f"Apps[{index}]"
-    known_name = raw.get("Name") if isinstance(raw, dict) else None
-    if _is_valid_name(known_name):
-        where = f"{where} {_render(known_name)}"
-    obj = _require_object(raw, where, '{"Name": ..., "Ports": [...], "Targets": [...]}')
-    draft = _AppDraft()
-    for key, value in obj.items():
-        _check_key(key, _APP_KEYS, where)
-        _apply_app_key(draft, key, value, _at(where, key), names, port_owners)
-    _check_required(obj, _APP_REQUIRED, where)
-    return draft.build()
-
-
-def _apply_app_key(draft: _AppDraft, key: str, value: object, where: str,
-                   names: Mapping[str, int], port_owners: Mapping[int, str]) -> None:
-    if key == "Name":
-        draft.name = _parse_name(value, where, names)
-    elif key == "Ports":
-        draft.ports = _parse_ports(value, where, port_owners)
-    elif key == "Targets":
-        draft.targets = _parse_targets(value, where)
-    elif key == "ConnectTimeout":
-        draft.connect_timeout_s = _parse_seconds(value, where)
-    elif key == "IdleTimeout":
-        draft.idle_timeout_s = _parse_seconds(value, where)
-    elif key == "MaxConnections":
-        draft.max_connections = _parse_max_connections(value, where)
-    elif key == "ProxyProtocol":
-        draft.proxy_protocol = _parse_proxy_protocol(value, where)
-    elif key == "HealthCheck":
-        draft.health_check = _parse_health_check(value, where)
-    elif key == "AllowFrom":
-        draft.allow_from = _parse_allow_from(value, where)
 
 
 def _is_valid_name(value: object) -> bool:
     return isinstance(value, str) and value != "" and value.isprintable()
 
 
-def _parse_name(value: object, where: str, names: Mapping[str, int]) -> str:
+def _parse_name(value: object, where: str, context: Context) -> str:
     if not isinstance(value, str) or not value:
-        raise _Invalid(where, f"must be a non-empty string, not {_describe(value)}")
+        raise Invalid(where, f"must be a non-empty string, not {describe(value)}")
     if not value.isprintable():
-        raise _Invalid(where, f"{_render(value)} must be printable "
-                              "(no control or line-break characters)")
-    if value in names:
-        raise _Invalid(where, f"duplicate app name {_render(value)} "
-                              f"(also Apps[{names[value]}])")
+        raise Invalid(where, f"{render(value)} must be printable "
+                             "(no control or line-break characters)")
+    if value in context.names:
+        raise Invalid(where, f"duplicate app name {render(value)} "
+                             f"(also Apps[{context.names[value]}])")
     return value
 
 
-def _parse_ports(value: object, where: str,
-                 port_owners: Mapping[int, str]) -> tuple[int, ...]:
-    items = _require_list(value, where, "ports")
+def _parse_ports(value: object, where: str, context: Context) -> tuple[int, ...]:
+    items = require_list(value, where, "ports")
     first_index: dict[int, int] = {}
     for index, item in enumerate(items):
         item_where = f"{where}[{index}]"
-        port = _as_int(item)
+        port = as_int(item)
         if port is None or not 1 <= port <= 65535:
-            raise _Invalid(item_where, f"{_render(item)} is not a port (1-65535)")
+            raise Invalid(item_where, f"{render(item)} is not a port (1-65535)")
         if port in first_index:
-            raise _Invalid(item_where, f"{port} is listed twice "
-                                       f"(also Ports[{first_index[port]}])")
-        if port in port_owners:
-            raise _Invalid(item_where, f"{port} is already used by app "
-                                       f"{_render(port_owners[port])}")
+            raise Invalid(item_where, f"{port} is listed twice "
+                                      f"(also Ports[{first_index[port]}])")
+        if port in context.port_owners:
+            raise Invalid(item_where, f"{port} is already used by app "
+                                      f"{render(context.port_owners[port])}")
         first_index[port] = index
     return tuple(first_index)
 
 
-def _parse_seconds(value: object, where: str) -> float:
-    # Comparing first keeps huge ints (float() would overflow) and 1e400
-    # (parsed as inf) out with the same message.
-    seconds = _as_number(value)
-    if seconds is None or not 0 < seconds <= MAX_TIMEOUT_S:
-        raise _Invalid(where, f"{_render(value)} is not a duration (seconds, "
-                              f"a number > 0 and at most {MAX_TIMEOUT_S:g})")
-    return float(seconds)
+def _parse_seconds(value: object, where: str, minimum_s: float = 0.0) -> float:
+    return parse_seconds(value, where, minimum_s, MAX_TIMEOUT_S)
 
 
 def _parse_max_connections(value: object, where: str) -> int:
-    limit = _as_int(value)
-    if limit is None or limit < 1:
-        raise _Invalid(where, f"{_render(value)} is not a connection limit "
-                              "(an integer >= 1)")
-    return limit
+    return parse_count(value, where, "connection limit")
+
+
+def _per_client_summary(limits: PerClient) -> str:
+    parts = [] if limits.max_connections is None else [
+        f"max connections {limits.max_connections}"]
+    if limits.rate is not None:
+        parts.append(f"{limits.rate:g} new connections/s")
+    return "per client: " + ", ".join(parts)
+
+
+def _parse_rate(value: object, where: str) -> float:
+    rate = as_number(value)  # compared before float(): a huge int would overflow
+    if rate is None or not 0 < rate <= MAX_RATE:
+        raise Invalid(where, f"{render(value)} is not a rate (new connections a second, "
+                             f"a number > 0 and at most {MAX_RATE:g})")
+    return float(rate)
 
 
 def _parse_proxy_protocol(value: object, where: str) -> str:
-    if not isinstance(value, str) or value not in PROXY_PROTOCOL_VERSIONS:
-        raise _Invalid(where, f'{_render(value)} is not a PROXY protocol '
-                              'version ("v1" or "v2")')
-    return value
+    return parse_choice(value, where, "a PROXY protocol version", PROXY_PROTOCOL_VERSIONS)
 
 
-def _parse_health_check(value: object,
-                        where: str) -> tuple[float, Optional[float]]:
-    obj = _require_object(value, where, '{"Interval": 5, "Timeout": 2}')
-    interval_s: Optional[float] = None
-    timeout_s: Optional[float] = None
-    for key, item in obj.items():
-        _check_key(key, _HEALTH_KEYS, where)
-        if key == "Interval":
-            interval_s = _parse_seconds(item, _at(where, key))
-        else:
-            timeout_s = _parse_seconds(item, _at(where, key))
-    _check_required(obj, ("Interval",), where)
-    assert interval_s is not None
-    return interval_s, timeout_s
+def _parse_concurrency(value: object, where: str, context: Context) -> Concurrency:
+    limits = parse_object(value, where, _CONCURRENCY_TABLE, context)
+    hard = limits["hard_limit"]
+    soft = limits.get("soft_limit", hard)
+    if soft > hard:
+        raise Invalid(at(where, _SOFT_LIMIT), f"{soft} is above the hard limit {hard} "
+                                              "(1 <= soft <= hard)")
+    return Concurrency(soft_limit=soft, hard_limit=hard)
 
 
-def _parse_allow_from(value: object, where: str) -> tuple[IPNetwork, ...]:
-    items = _require_list(value, where, "CIDR networks (omit it to allow every client)")
-    networks: list[IPNetwork] = []
-    for index, item in enumerate(items):
-        item_where = f"{where}[{index}]"
-        try:
-            if not isinstance(item, str):
-                raise ValueError(item)
-            networks.append(ipaddress.ip_network(item, strict=False))
-        except ValueError:
-            raise _Invalid(item_where, f'{_render(item)} is not a CIDR network '
-                                       '(like "10.0.0.0/8" or "2001:db8::/32")') from None
-    return tuple(networks)
+def _finish_health_check(check: Mapping[str, float],
+                         app: Mapping[str, Any]) -> HealthCheck:
+    interval_s = check["interval_s"]
+    timeout_s = check.get("timeout_s")
+    if timeout_s is None:
+        connect_s = app.get("connect_timeout_s", DEFAULT_CONNECT_TIMEOUT_S)
+        timeout_s = max(MIN_CHECK_TIMEOUT_S, min(interval_s, connect_s))
+    return HealthCheck(interval_s=interval_s, timeout_s=timeout_s)
 
 
-# --- Targets --------------------------------------------------------------
+# --- Targets --------------------------------------------------------------------
 
-def _parse_targets(value: object, where: str) -> tuple[Target, ...]:
-    items = _require_list(value, where, 'targets ("host:port")')
+def _parse_targets(value: object, where: str, context: Context) -> tuple[Target, ...]:
+    if value == [] and context.allow_empty_targets:
+        return ()
+    items = require_list(value, where, 'targets ("host:port")')
     first_index: dict[str, int] = {}
     targets: list[Target] = []
     for index, item in enumerate(items):
         item_where = f"{where}[{index}]"
-        target = _parse_target(item, item_where)
+        target = _parse_target(item, item_where, context)
         if target.address in first_index:
-            raise _Invalid(item_where, f"duplicate target {_render(target.address)} "
-                                       f"(also Targets[{first_index[target.address]}]; "
-                                       "use Weight to favour a target)")
+            raise Invalid(item_where, f"duplicate target {render(target.address)} "
+                                      f"(also Targets[{first_index[target.address]}]; "
+                                      "use Weight to favour a target)")
         first_index[target.address] = index
         targets.append(target)
     return tuple(targets)
 
 
-def _parse_target(value: object, where: str) -> Target:
+def _parse_target(value: object, where: str, context: Context) -> Target:
     if isinstance(value, str):
-        host, port = _parse_address(value, where)
+        host, port = parse_address(value, where)
         return Target(host=host, port=port)
     if not isinstance(value, dict):
-        raise _Invalid(where, 'must be "host:port" or {"Address": "host:port", '
-                              f'"Weight": N}}, not {_describe(value)}')
-    obj = _require_object(value, where, '{"Address": "host:port", "Weight": N}')
-    address: Optional[tuple[str, int]] = None
-    weight = 1
-    for key, item in obj.items():
-        _check_key(key, _TARGET_KEYS, where)
-        if key == "Address":
-            if not isinstance(item, str):
-                raise _Invalid(_at(where, key), 'must be a string "host:port", '
-                                                f"not {_describe(item)}")
-            address = _parse_address(item, _at(where, key))
-        else:
-            weight = _parse_weight(item, _at(where, key))
-    _check_required(obj, ("Address",), where)
-    assert address is not None
-    return Target(host=address[0], port=address[1], weight=weight)
+        raise Invalid(where, f'must be "host:port" or {_TARGET_TABLE.shape}, '
+                             f"not {describe(value)}")
+    return parse_object(value, where, _TARGET_TABLE, context)
+
+
+def _make_target(fields: dict[str, Any]) -> Target:
+    host, port = fields.pop("address")
+    return Target(host=host, port=port, **fields)
+
+
+def _parse_address_key(value: object, where: str) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise Invalid(where, f'must be a string "host:port", not {describe(value)}')
+    return parse_address(value, where)
 
 
 def _parse_weight(value: object, where: str) -> int:
-    weight = _as_int(value)
-    if weight is None or not 1 <= weight <= MAX_WEIGHT:
-        raise _Invalid(where, f"{_render(value)} is not a weight "
-                              f"(an integer from 1 to {MAX_WEIGHT})")
-    return weight
+    return parse_count(value, where, "weight", MAX_WEIGHT)
 
 
-def _parse_address(text: str, where: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[v6]:port"`` -> (canonical host, port)."""
-    if text.startswith("["):
-        close = text.find("]")
-        if close < 0 or text[close + 1:close + 2] != ":":
-            raise _Invalid(where, f'{_render(text)} is not "[v6addr]:port"')
-        host = _parse_ipv6_host(text[1:close], text, where)
-        port_text = text[close + 2:]
-    else:
-        host_text, colon, port_text = text.rpartition(":")
-        if not colon:
-            raise _Invalid(where, f'{_render(text)} is not "host:port"')
-        if ":" in host_text:
-            raise _Invalid(where, f"{_render(text)}: an IPv6 address needs "
-                                  'brackets, as in "[2001:db8::1]:5001"')
-        host = _parse_host(host_text, text, where)
-    if not _PORT_TEXT.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
-        raise _Invalid(where, f"{_render(text)}: {_render(port_text)} "
-                              "is not a port (1-65535)")
-    return host, int(port_text)
+# --- The tables: every key of the config, once ----------------------------------
 
+_TARGET_TABLE: Table[Target] = Table((
+    Key("Address", "address", plain(_parse_address_key), required=True,
+        example='"host:port"'),
+    Key("Weight", "weight", plain(_parse_weight), example="N"),
+), make=_make_target)
 
-def _parse_ipv6_host(host_text: str, text: str, where: str) -> str:
-    try:
-        return str(ipaddress.IPv6Address(host_text))
-    except ValueError:
-        raise _Invalid(where, f"{_render(text)}: {_render(host_text)} is not an "
-                              "IPv6 address (brackets are only for IPv6)") from None
+# Made as plain fields: the Timeout default needs the app's ConnectTimeout,
+# so the app's HealthCheck row finishes it (_finish_health_check).
+_HEALTH_CHECK_TABLE: Table[dict[str, Any]] = Table((
+    Key("Interval", "interval_s", required=True, example="5",
+        parse=plain(lambda v, w: _parse_seconds(v, w, MIN_CHECK_INTERVAL_S))),
+    Key("Timeout", "timeout_s", example="2",
+        parse=plain(lambda v, w: _parse_seconds(v, w, MIN_CHECK_TIMEOUT_S))),
+), make=dict)
 
+_MAX_CONNECTIONS = "MaxConnections"  # an app's key, and PerClient's
+_PER_CLIENT_TABLE: Table[PerClient] = Table((
+    Key(_MAX_CONNECTIONS, "max_connections", plain(_parse_max_connections), example="10"),
+    Key("Rate", "rate", plain(_parse_rate), example="5"),
+), make=lambda fields: PerClient(**fields))
 
-def _parse_host(host_text: str, text: str, where: str) -> str:
-    """An IPv4 literal or a plausible DNS name, canonical form."""
-    try:
-        return str(ipaddress.IPv4Address(host_text))
-    except ValueError:
-        pass
-    labels = host_text[:-1].split(".") if host_text.endswith(".") else host_text.split(".")
-    plausible = (
-        len(host_text) <= _MAX_DNS_NAME
-        and all(_DNS_LABEL.fullmatch(label) for label in labels)
-        # An all-digit last label is no TLD; getaddrinfo would read "10.1"
-        # or "1.2.3.256" as a legacy inet_aton form or fail: say so now.
-        and not labels[-1].isdigit()
-    )
-    if not plausible:
-        raise _Invalid(where, f"{_render(text)}: {_render(host_text)} is not "
-                              "a host name or IP address")
-    return host_text.lower()
+_SOFT_LIMIT = "SoftLimit"
+# Made as plain fields: SoftLimit defaults to HardLimit and must not exceed
+# it, which _parse_concurrency checks with the JSON path at hand.
+_CONCURRENCY_TABLE: Table[dict[str, Any]] = Table((
+    Key(_SOFT_LIMIT, "soft_limit", example="S",
+        parse=plain(lambda v, w: parse_count(v, w, "connection limit"))),
+    Key("HardLimit", "hard_limit", required=True, example="H",
+        parse=plain(lambda v, w: parse_count(v, w, "connection limit"))),
+), make=dict)
+
+_APP_TABLE: Table[App] = Table((
+    Key("Name", "name", _parse_name, required=True, example="..."),
+    Key("Ports", "ports", _parse_ports, required=True, example="[...]", view=list),
+    Key("Targets", "targets", _parse_targets, required=True, example="[...]",
+        view=lambda targets: [view_object(t, _TARGET_TABLE) for t in targets]),
+    Key("ConnectTimeout", "connect_timeout_s", plain(_parse_seconds),
+        summary=lambda s: f"connect timeout {s:g}s"),
+    Key("IdleTimeout", "idle_timeout_s", plain(_parse_seconds),
+        summary=lambda s: f"idle timeout {s:g}s"),
+    Key(_MAX_CONNECTIONS, "max_connections", plain(_parse_max_connections),
+        summary=lambda n: f"max connections {n}"),
+    Key("ProxyProtocol", "proxy_protocol", plain(_parse_proxy_protocol),
+        summary=lambda version: f"proxy protocol {version}"),
+    Key("HealthCheck", "health_check", nested(_HEALTH_CHECK_TABLE),
+        view=nested_view(_HEALTH_CHECK_TABLE), finish=_finish_health_check,
+        summary=lambda check: (f"health check every {check.interval_s:g}s, "
+                               f"timeout {check.timeout_s:g}s")),
+    Key("AllowFrom", "allow_from", plain(parse_networks),
+        view=lambda networks: [str(network) for network in networks],
+        summary=lambda networks: "allow from " + ", ".join(map(str, networks))),
+    Key("PerClient", "per_client", nested_some(_PER_CLIENT_TABLE),
+        view=nested_view(_PER_CLIENT_TABLE), summary=_per_client_summary),
+    Key("Concurrency", "concurrency", _parse_concurrency, view=nested_view(_CONCURRENCY_TABLE),
+        summary=lambda c: f"concurrency soft {c.soft_limit}, hard {c.hard_limit} per target"),
+    Key("QueueTimeout", "queue_timeout_s", plain(_parse_seconds),
+        summary=lambda s: f"queue timeout {s:g}s"),
+    Key("Balance", "balance", summary=lambda policy: f"balance {policy}",
+        parse=plain(lambda v, w: parse_choice(v, w, "a balance policy", BALANCE_POLICIES))),
+), make=lambda fields: App(**fields))
+
+_TOP_TABLE: Table[tuple[App, ...]] = Table((
+    Key("Apps", "apps", _parse_apps, required=True, example="[...]"),
+), make=lambda fields: fields["apps"])
+
+_NAME_KEY = next(key.name for key in _APP_TABLE.keys if key.field == "name")
+_APP_DEFAULTS: Mapping[str, object] = {
+    f.name: f.default for f in dataclasses.fields(App)
+    if f.default is not dataclasses.MISSING}

@@ -13,110 +13,48 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Optional
-
-from . import netio
+from . import netio, outcomes
 from .config import Target
-from .loop import EVENT_WRITE, EventLoop, Timer
-from .resolver import Address, Resolution, Resolver
+from .connect import Connector
+from .loop import EventLoop, Timer
+from .resolver import Resolver
 from .router import Route, Router
 
 log = logging.getLogger("rawproxy.health")
 
 
 class _Check:
-    """One connect attempt to one target, over its addresses in turn."""
+    """One check of one target: a connect (see :class:`Connector`), then close."""
 
-    __slots__ = ("_loop", "_resolver", "_route", "_target", "_sock", "_fd",
-                 "_timer", "_addresses", "_reason", "_done")
+    __slots__ = ("_route", "_target", "_connector")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, route: Route,
                  target: Target, timeout_s: float) -> None:
-        self._loop = loop
-        self._resolver = resolver
         self._route = route
         self._target = target
-        self._sock: Optional[socket.socket] = None
-        self._fd = -1
-        self._addresses: list[Address] = []
-        self._reason = "no address"
-        self._done = False
-        self._timer: Optional[Timer] = loop.call_later(timeout_s, self._on_timeout)
+        self._connector = Connector(loop, resolver, target.host, target.port, timeout_s,
+                                    self._on_connected, self._on_failed)
 
     def start(self) -> None:
-        resolution = self._resolver.resolve(self._target.host, self._target.port,
-                                            self._on_resolved)
-        if resolution is not None:
-            self._on_resolved(resolution)
-
-    def _on_resolved(self, resolution: Resolution) -> None:
-        if self._done:
-            return
-        if resolution.error:
-            self._finish(False, "dns")
-            return
-        self._addresses = list(resolution.addresses)
-        self._connect_next()
-
-    def _connect_next(self) -> None:
-        try:
-            sock, reason = netio.connect_next(self._addresses, self._reason)
-        except netio.LocalResourceError:
-            self.cancel()  # no verdict: the shortage is ours, not the target's
-            return
-        if sock is None:
-            self._finish(False, reason)
-            return
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._loop.watch(self._fd, self._on_writable)
-        self._loop.set_interest(self._fd, EVENT_WRITE)
-
-    def _on_writable(self, events: int) -> None:
-        sock = self._sock
-        assert sock is not None
-        try:
-            if not netio.finish_connect(sock):
-                return  # a stale wake-up: the connect is still under way
-        except netio.ConnectFailed as exc:
-            self._reason = exc.reason
-            self._drop_socket()
-            self._connect_next()
-            return
-        self._finish(True, "")
-
-    def _on_timeout(self) -> None:
-        self._timer = None
-        self._finish(False, "timeout")
+        self._connector.start()
 
     @property
     def done(self) -> bool:
-        return self._done
+        return self._connector.done
 
     def cancel(self) -> None:
         """Abandon the check without a verdict, closing its socket."""
-        self._stop()
+        self._connector.cancel()
 
-    def _stop(self) -> bool:
-        """Release the timer and socket; False if already stopped."""
-        if self._done:
-            return False
-        self._done = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._drop_socket()
-        return True
+    def _on_connected(self, sock: socket.socket) -> None:
+        netio.close(sock)
+        self._verdict(True, "")
 
-    def _drop_socket(self) -> None:
-        if self._sock is not None:
-            self._loop.unwatch(self._fd)
-            netio.close(self._sock)
-            self._sock = None
+    def _on_failed(self, reason: str, detail: str) -> None:
+        if reason != outcomes.NO_RESOURCES:  # no verdict: the shortage is ours
+            self._verdict(False, reason)
 
-    def _finish(self, ok: bool, reason: str) -> None:
-        if not self._stop():
-            return
+    def _verdict(self, ok: bool, reason: str) -> None:
         balancer = self._route.balancer
         was_failing = balancer.health(self._target).check_failed
         balancer.record_check(self._target, ok, reason)

@@ -4,17 +4,22 @@ It knows nothing of proxying.  Contract:
 
 * ``watch(fd, callback)`` puts ``callback(events)`` in the fd -> handler
   table; ``set_interest(fd, mask)`` says which events (``EVENT_READ`` |
-  ``EVENT_WRITE``) the handler wants.  The selector is touched only when a
+  ``EVENT_WRITE``) the handler wants.  The poller is touched only when a
   mask really changes.  ``unwatch(fd)`` forgets it and must come before the
-  socket is closed.
-* An fd with an empty mask is not in the selector (``selectors`` refuses an
-  empty interest set), but on Linux it still is in an *error watch*: a
-  second epoll, itself polled through the selector, holding such fds with
-  no events, which epoll still reports errors and hang-ups for.  The handler
-  then gets ``EVENT_ERROR``, so a reset on a socket the proxy is not
-  reading or writing (a half-closed side, a paused sender) is seen at once.
-  ``mute(fd)`` takes an fd out of the error watch (a hang-up that is no
-  error, say) until its mask changes.
+  socket is closed; ``unwatch(fd, closing=True)`` says the caller closes
+  it at once (and holds its only descriptor), so the kernel's own clean-up
+  on close replaces a deregistration.  ``replace_handler(fd, callback)``
+  hands a watched fd to a new handler, its mask and registration kept.
+* An fd with an empty mask is, on Linux, still watched for errors and
+  hang-ups (:mod:`~rawproxy.pollers`): its handler then gets
+  ``EVENT_ERROR``, so a reset on a socket the proxy is not reading or
+  writing (a half-closed side, a paused sender) is seen at once.  It
+  enters that watch when its mask drops to empty, or at once with
+  ``watch(fd, callback, errors_only=True)``.  ``mute(fd)`` takes it out
+  (a hang-up that is no error, say) until its mask changes.
+* ``exact_write_events``: true where ``EVENT_WRITE`` alone means writable
+  with no error or hang-up pending (epoll), so a connect's first event
+  settles it without asking the socket.
 * ``call_later(delay_s, callback)`` returns a :class:`Timer` that can be
   cancelled; ``call_soon_threadsafe(callback)`` is the only entry point for
   other threads (the DNS workers) and wakes the loop through a socketpair.
@@ -39,7 +44,9 @@ import signal
 import socket
 import time
 from types import FrameType
-from typing import Callable, Deque, Optional
+from typing import Callable, Deque, Optional, Union
+
+from .pollers import DECODE, EpollPoller, SelectorPoller, decode
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -55,6 +62,10 @@ log = logging.getLogger("rawproxy.loop")
 # they are both numerous and the majority, so a connect timer cancelled per
 # successful connection cannot grow memory without bound.
 _COMPACT_MIN_CANCELLED = 1024
+# epoll takes its timeout as an int of milliseconds: past ~24.8 days select()
+# raises OverflowError (issue #18).  A timer further out costs one spare
+# wake-up a day instead.
+MAX_SELECT_WAIT_S = 24 * 3600.0
 
 
 class Timer:
@@ -87,12 +98,13 @@ class EventLoop:
     def __init__(self, clock: Clock = time.monotonic,
                  selector: Optional[selectors.BaseSelector] = None) -> None:
         self._clock = clock
-        self._selector = selector if selector is not None else selectors.DefaultSelector()
+        # One epoll unless a selector is given (tests) or there is no epoll.
+        self._poller: Union[EpollPoller, SelectorPoller] = (
+            EpollPoller() if selector is None and hasattr(select, "epoll")
+            else SelectorPoller(selector))
+        self.exact_write_events = self._poller.exact_write_events
         self._handlers: dict[int, Handler] = {}
         self._masks: dict[int, int] = {}
-        self._error_watched: set[int] = set()
-        self._error_watch: Optional[select.epoll] = (
-            select.epoll() if hasattr(select, "epoll") else None)
         self._unwatched_in_batch: set[int] = set()
         # (when, seq, timer): tuples compare in C, far cheaper than a
         # Python __lt__ on every heap step; seq keeps equal deadlines FIFO.
@@ -110,70 +122,46 @@ class EventLoop:
         self._wake_send.setblocking(False)
         self.watch(self._wake_recv.fileno(), self._on_wakeup)
         self.set_interest(self._wake_recv.fileno(), EVENT_READ)
-        if self._error_watch is not None:
-            self.watch(self._error_watch.fileno(), self._on_error_watch)
-            self.set_interest(self._error_watch.fileno(), EVENT_READ)
 
     # -- file descriptors -------------------------------------------------
 
-    def watch(self, fd: int, handler: Handler) -> None:
+    def watch(self, fd: int, handler: Handler, errors_only: bool = False) -> None:
+        """Handle ``fd``'s events; with ``errors_only``, its errors and
+        hang-ups at once (``EVENT_ERROR``), as if its mask had dropped to empty."""
         if fd in self._handlers:
             raise ValueError(f"fd {fd} is already watched")
+        if errors_only:
+            self._poller.watch_errors(fd)
         self._handlers[fd] = handler
         self._masks[fd] = 0
 
+    def replace_handler(self, fd: int, handler: Handler) -> None:
+        """Give a watched fd to another handler; its mask stays as it is."""
+        if fd not in self._handlers:
+            raise ValueError(f"fd {fd} is not watched")
+        self._handlers[fd] = handler
+
     def set_interest(self, fd: int, mask: int) -> None:
         old = self._masks[fd]
-        if mask == old:
-            return
-        self._masks[fd] = mask
-        if old == 0:
-            self._leave_error_watch(fd)
-            self._selector.register(fd, mask)
-        elif mask == 0:
-            self._selector.unregister(fd)
-            if self._error_watch is not None:
-                self._error_watch.register(fd, 0)  # errors and hang-ups only
-                self._error_watched.add(fd)
-        else:
-            self._selector.modify(fd, mask)
+        if mask != old:
+            self._masks[fd] = mask
+            self._poller.change(fd, old, mask)
 
     def mute(self, fd: int) -> None:
         """Stop error reports for an fd with an empty mask, until it changes."""
-        self._leave_error_watch(fd)
-
-    def _leave_error_watch(self, fd: int) -> None:
-        if fd in self._error_watched:
-            self._error_watched.discard(fd)
-            assert self._error_watch is not None
-            self._error_watch.unregister(fd)
-
-    def _on_error_watch(self, events: int) -> None:
-        assert self._error_watch is not None
-        for fd, _ in self._error_watch.poll(0):
-            if fd in self._unwatched_in_batch or fd not in self._error_watched:
-                continue
-            handler = self._handlers.get(fd)
-            if handler is None:
-                self._leave_error_watch(fd)
-                continue
-            try:
-                handler(EVENT_ERROR)
-            except Exception:
-                log.exception("unhandled error in handler for fd %d", fd)
+        self._poller.mute(fd)
 
     def interest(self, fd: int) -> int:
         return self._masks.get(fd, 0)
 
-    def unwatch(self, fd: int) -> None:
-        self._leave_error_watch(fd)
+    def unwatch(self, fd: int, closing: bool = False) -> None:
+        """Forget ``fd``; ``closing``: the caller closes it right after."""
         mask = self._masks.pop(fd, 0)
         if self._handlers.pop(fd, None) is not None:
             # Events already collected for this fd belong to the socket being
             # closed; a new socket may get the same number within this batch.
             self._unwatched_in_batch.add(fd)
-        if mask:
-            self._selector.unregister(fd)
+            self._poller.forget(fd, mask, closing)
 
     def is_watched(self, fd: int) -> bool:
         return fd in self._handlers
@@ -255,19 +243,21 @@ class EventLoop:
             self.run_once()
 
     def run_once(self, max_wait_s: Optional[float] = None) -> None:
-        timeout = self._select_timeout(max_wait_s)
-        ready = self._selector.select(timeout)
+        ready = self._poller.poll(self._select_timeout(max_wait_s))
         self.now = self._clock()
         handlers = self._handlers
         stale = self._unwatched_in_batch
         stale.clear()
-        for key, events in ready:
-            fd = key.fd
+        for fd, bits in ready:
             if stale and fd in stale:
                 continue  # its socket was closed by an earlier handler of this batch
             handler = handlers.get(fd)
             if handler is None:
+                self._poller.drop_stray(fd)
                 continue
+            events = DECODE[bits] if bits < 32 else 0
+            if not events:
+                events = decode(bits, self._masks[fd], EVENT_ERROR)
             try:
                 handler(events)
             except Exception:
@@ -287,7 +277,7 @@ class EventLoop:
         if timers:
             until_next = max(0.0, timers[0][0] - self._clock())
             timeout = until_next if timeout is None else min(timeout, until_next)
-        return timeout
+        return timeout if timeout is None else min(timeout, MAX_SELECT_WAIT_S)
 
     def _run_due_timers(self) -> None:
         timers = self._timers
@@ -321,9 +311,7 @@ class EventLoop:
         self._restore_signals()
         self._wake_recv.close()
         self._wake_send.close()
-        if self._error_watch is not None:
-            self._error_watch.close()
-        self._selector.close()  # closes our epoll fd; no epoll_ctl on the shared set
+        self._poller.close()  # closes our epoll fd; no epoll_ctl on the shared set
 
     def close(self) -> None:
         if self._closed:
@@ -333,10 +321,7 @@ class EventLoop:
         self.unwatch(self._wake_recv.fileno())
         self._wake_recv.close()
         self._wake_send.close()
-        if self._error_watch is not None:
-            self.unwatch(self._error_watch.fileno())
-            self._error_watch.close()
-        self._selector.close()
+        self._poller.close()
         self._handlers.clear()
         self._masks.clear()
         self._timers.clear()

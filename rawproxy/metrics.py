@@ -4,36 +4,44 @@
 need the live server: open connections, bytes of open connections, target
 health) into the text a Prometheus server parses.  Every metric is named
 ``rawproxy_*`` and labelled by ``app`` (and ``target`` where it applies).
+
+The exposition is the table :data:`FAMILIES`, in order: each row names a
+family and says how to read its samples from a snapshot, so a new per-app
+counter is one field of :class:`~rawproxy.stats.AppStats` and one row.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from operator import attrgetter
+from typing import Callable, Iterable, Iterator, Mapping, Optional
 
-from .stats import Histogram, Stats
+from .stats import AppStats, Stats, TargetStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class TargetView:
-    __slots__ = ("address", "up", "consecutive_failures")
+    __slots__ = ("address", "up", "consecutive_failures", "open_connections")
 
-    def __init__(self, address: str, up: bool, consecutive_failures: int) -> None:
+    def __init__(self, address: str, up: bool, consecutive_failures: int,
+                 open_connections: int = 0) -> None:
         self.address = address
         self.up = up
         self.consecutive_failures = consecutive_failures
+        self.open_connections = open_connections  # from this process (worker)
 
 
 class Snapshot:
     """What the metrics need from the running server, at scrape time."""
 
     __slots__ = ("stats", "active", "live_bytes_in", "live_bytes_out", "targets", "draining",
-                 "log_lines_dropped")
+                 "log_lines_dropped", "queued")
 
     def __init__(self, stats: Stats, active: Mapping[str, int],
                  live_bytes_in: Mapping[str, int], live_bytes_out: Mapping[str, int],
                  targets: Mapping[str, list[TargetView]], draining: bool,
-                 log_lines_dropped: int = 0) -> None:
+                 log_lines_dropped: int = 0, queued: Optional[Mapping[str, int]] = None) -> None:
+        self.queued = queued or {}  # clients waiting for a slot, by app
         self.stats = stats
         self.active = active
         self.live_bytes_in = live_bytes_in
@@ -61,93 +69,177 @@ def _number(value: float) -> str:
     return repr(float(value))
 
 
-class _Writer:
-    def __init__(self, const_labels: tuple[tuple[str, str], ...] = ()) -> None:
-        self.lines: list[str] = []
-        self._const = const_labels
-
-    def family(self, name: str, kind: str, help_text: str) -> None:
-        self.lines.append(f"# HELP {name} {help_text}")
-        self.lines.append(f"# TYPE {name} {kind}")
-
-    def sample(self, name: str, labels: Iterable[tuple[str, str]], value: float) -> None:
-        self.lines.append(f"{name}{_labels((*self._const, *labels))} {_number(value)}")
-
-    def histogram(self, name: str, labels: tuple[tuple[str, str], ...], hist: Histogram) -> None:
-        for bound, count in hist.cumulative():
-            self.sample(f"{name}_bucket", labels + (("le", _number(bound)),), count)
-        self.sample(f"{name}_sum", labels, hist.total)
-        self.sample(f"{name}_count", labels, hist.count)
+Labels = tuple[tuple[str, str], ...]
+# (name suffix, labels, value): the suffix is "" but for histogram series.
+Sample = tuple[str, Labels, float]
 
 
-def render(snap: Snapshot, const_labels: tuple[tuple[str, str], ...] = ()) -> str:
-    """The exposition; ``const_labels`` (e.g. ``worker``) go on every sample."""
-    out = _Writer(const_labels)
-    apps = sorted(snap.stats.apps.items())
-    per_app = (
-        ("connections_accepted_total", "counter", "Client connections accepted.",
-         lambda name, a: a.accepted),
-        ("connections_denied_total", "counter", "Client connections refused by AllowFrom.",
-         lambda name, a: a.denied),
-        ("connections_closed_total", "counter", "Client connections closed.",
-         lambda name, a: a.closed),
-        ("connections_active", "gauge", "Client connections open now.",
-         lambda name, a: snap.active.get(name, 0)),
-        ("bytes_in_total", "counter", "Bytes relayed from clients to targets.",
-         lambda name, a: a.bytes_in + snap.live_bytes_in.get(name, 0)),
-        ("bytes_out_total", "counter", "Bytes relayed from targets to clients.",
-         lambda name, a: a.bytes_out + snap.live_bytes_out.get(name, 0)),
-    )
-    for suffix, kind, help_text, value in per_app:
-        out.family(f"rawproxy_{suffix}", kind, help_text)
-        for name, app in apps:
-            out.sample(f"rawproxy_{suffix}", (("app", name),), value(name, app))
+class Family:
+    """One metric family: its name (after ``rawproxy_``), type, help text and
+    the samples it reads from a snapshot."""
 
-    out.family("rawproxy_connections_ended_total", "counter",
-               "Closed connections by how they ended.")
-    for name, app in apps:
+    __slots__ = ("name", "kind", "help_text", "samples")
+
+    def __init__(self, name: str, kind: str, help_text: str,
+                 samples: Callable[[Snapshot], Iterator[Sample]]) -> None:
+        self.name = name
+        self.kind = kind
+        self.help_text = help_text
+        self.samples = samples
+
+
+def _per_app(value: Callable[[Snapshot, str, AppStats], float]
+             ) -> Callable[[Snapshot], Iterator[Sample]]:
+    def samples(snap: Snapshot) -> Iterator[Sample]:
+        for name, app in sorted(snap.stats.apps.items()):
+            yield "", (("app", name),), value(snap, name, app)
+    return samples
+
+
+def _app_field(field: str) -> Callable[[Snapshot], Iterator[Sample]]:
+    """A plain per-app counter: the ``AppStats`` attribute ``field``."""
+    get = attrgetter(field)
+    return _per_app(lambda snap, name, app: get(app))
+
+
+def _per_target(snap: Snapshot) -> Iterator[tuple[Labels, TargetStats]]:
+    for name, app in sorted(snap.stats.apps.items()):
+        for address, target in sorted(app.targets.items()):
+            yield (("app", name), ("target", address)), target
+
+
+def _ends(snap: Snapshot) -> Iterator[Sample]:
+    for name, app in sorted(snap.stats.apps.items()):
         for end, count in sorted(app.ends.items()):
-            out.sample("rawproxy_connections_ended_total", (("app", name), ("end", end)), count)
+            yield "", (("app", name), ("end", end)), count
 
-    out.family("rawproxy_connect_attempts_total", "counter", "Connect attempts to targets.")
-    for name, app in apps:
-        for address, target in sorted(app.targets.items()):
-            out.sample("rawproxy_connect_attempts_total",
-                       (("app", name), ("target", address)), target.attempts)
-    out.family("rawproxy_connect_failures_total", "counter",
-               "Failed connect attempts to targets, by reason.")
-    for name, app in apps:
-        for address, target in sorted(app.targets.items()):
-            for reason, count in sorted(target.failures.items()):
-                out.sample("rawproxy_connect_failures_total",
-                           (("app", name), ("target", address), ("reason", reason)), count)
-    out.family("rawproxy_connect_duration_seconds", "histogram",
-               "Time from choosing a target to its connection being established.")
-    for name, app in apps:
-        for address, target in sorted(app.targets.items()):
-            out.histogram("rawproxy_connect_duration_seconds",
-                          (("app", name), ("target", address)), target.latency)
 
-    out.family("rawproxy_target_up", "gauge",
-               "1 if the target is eligible for new connections, 0 while marked down.")
+def _attempts(snap: Snapshot) -> Iterator[Sample]:
+    for labels, target in _per_target(snap):
+        yield "", labels, target.attempts
+
+
+def _failures(snap: Snapshot) -> Iterator[Sample]:
+    for labels, target in _per_target(snap):
+        for reason, count in sorted(target.failures.items()):
+            yield "", labels + (("reason", reason),), count
+
+
+def _latency(snap: Snapshot) -> Iterator[Sample]:
+    for labels, target in _per_target(snap):
+        hist = target.latency
+        for bound, count in hist.cumulative():
+            yield "_bucket", labels + (("le", _number(bound)),), count
+        yield "_sum", labels, hist.total
+        yield "_count", labels, hist.count
+
+
+def _target_up(snap: Snapshot) -> Iterator[Sample]:
     for name, views in sorted(snap.targets.items()):
         for view in views:
-            out.sample("rawproxy_target_up", (("app", name), ("target", view.address)),
-                       1 if view.up else 0)
+            yield "", (("app", name), ("target", view.address)), 1 if view.up else 0
 
-    stats = snap.stats
-    out.family("rawproxy_config_reloads_total", "counter", "Config reloads, by result.")
-    out.sample("rawproxy_config_reloads_total", (("result", "success"),), stats.reloads_ok)
-    out.sample("rawproxy_config_reloads_total", (("result", "failure"),), stats.reloads_failed)
-    out.family("rawproxy_config_last_reload_successful", "gauge",
-               "1 if the last reload succeeded (or none was tried).")
-    out.sample("rawproxy_config_last_reload_successful", (), 1 if stats.last_reload_ok else 0)
-    out.family("rawproxy_draining", "gauge", "1 while draining for shutdown.")
-    out.sample("rawproxy_draining", (), 1 if snap.draining else 0)
-    out.family("rawproxy_log_lines_dropped_total", "counter",
-               "Log lines dropped because stderr was not taking them.")
-    out.sample("rawproxy_log_lines_dropped_total", (), snap.log_lines_dropped)
-    out.family("rawproxy_process_start_time_seconds", "gauge",
-               "Start time of the process since the Unix epoch, in seconds.")
-    out.sample("rawproxy_process_start_time_seconds", (), stats.start_time)
-    return "\n".join(out.lines) + "\n"
+
+def _target_open(snap: Snapshot) -> Iterator[Sample]:
+    for name, views in sorted(snap.targets.items()):
+        for view in views:
+            yield "", (("app", name), ("target", view.address)), view.open_connections
+
+
+def _queue_wait(snap: Snapshot) -> Iterator[Sample]:
+    for name, app in sorted(snap.stats.apps.items()):
+        labels = (("app", name),)
+        for bound, count in app.queue_wait.cumulative():
+            yield "_bucket", labels + (("le", _number(bound)),), count
+        yield "_sum", labels, app.queue_wait.total
+        yield "_count", labels, app.queue_wait.count
+
+
+def _reloads(snap: Snapshot) -> Iterator[Sample]:
+    yield "", (("result", "success"),), snap.stats.reloads_ok
+    yield "", (("result", "failure"),), snap.stats.reloads_failed
+
+
+def _one(value: Callable[[Snapshot], float]) -> Callable[[Snapshot], Iterator[Sample]]:
+    """A family of one unlabelled sample."""
+    def samples(snap: Snapshot) -> Iterator[Sample]:
+        yield "", (), value(snap)
+    return samples
+
+
+def _etcd(value: Callable[[Stats], float]) -> Callable[[Snapshot], Iterator[Sample]]:
+    """A family of one unlabelled sample, exported only under --etcd."""
+    def samples(snap: Snapshot) -> Iterator[Sample]:
+        if snap.stats.etcd_connected is not None:
+            yield "", (), value(snap.stats)
+    return samples
+
+
+# The exposition, in order.  A new per-app counter is a field of AppStats
+# and one _app_field row here.
+FAMILIES = (
+    Family("connections_accepted_total", "counter", "Client connections accepted.",
+           _app_field("accepted")),
+    Family("connections_denied_total", "counter", "Client connections refused by AllowFrom.",
+           _app_field("denied")),
+    Family("connections_client_limited_total", "counter",
+           "Client connections reset at accept by the app's PerClient limits.",
+           _app_field("client_limited")),
+    Family("connections_closed_total", "counter", "Client connections closed.",
+           _app_field("closed")),
+    Family("connections_active", "gauge", "Client connections open now.",
+           _per_app(lambda snap, name, app: snap.active.get(name, 0))),
+    Family("bytes_in_total", "counter", "Bytes relayed from clients to targets.",
+           _per_app(lambda snap, name, app: app.bytes_in + snap.live_bytes_in.get(name, 0))),
+    Family("bytes_out_total", "counter", "Bytes relayed from targets to clients.",
+           _per_app(lambda snap, name, app: app.bytes_out + snap.live_bytes_out.get(name, 0))),
+    Family("connections_ended_total", "counter", "Closed connections by how they ended.",
+           _ends),
+    Family("connect_attempts_total", "counter", "Connect attempts to targets.", _attempts),
+    Family("connect_failures_total", "counter",
+           "Failed connect attempts to targets, by reason.", _failures),
+    Family("connect_duration_seconds", "histogram",
+           "Time from choosing a target to its connection being established.", _latency),
+    Family("target_up", "gauge",
+           "1 if the target is eligible for new connections, 0 while marked down.",
+           _target_up),
+    Family("target_connections_active", "gauge",
+           "Connections open (or being connected) to the target now.", _target_open),
+    Family("queue_length", "gauge",
+           "Clients waiting in the app's queue for a target below its HardLimit.",
+           _per_app(lambda snap, name, app: snap.queued.get(name, 0))),
+    Family("queue_wait_seconds", "histogram",
+           "Time clients waited in the app's queue, however the wait ended.", _queue_wait),
+    Family("config_reloads_total", "counter", "Config reloads, by result.", _reloads),
+    Family("config_last_reload_successful", "gauge",
+           "1 if the last reload succeeded (or none was tried).",
+           _one(lambda snap: 1 if snap.stats.last_reload_ok else 0)),
+    Family("config_revision", "gauge",
+           "The etcd revision the running config reflects (--etcd).",
+           _etcd(lambda stats: stats.config_revision or 0)),
+    Family("etcd_connected", "gauge", "1 while the etcd watch is up (--etcd).",
+           _etcd(lambda stats: 1 if stats.etcd_connected else 0)),
+    Family("etcd_watch_restarts_total", "counter",
+           "Times an etcd endpoint was lost and the watch set up again (--etcd).",
+           _etcd(lambda stats: stats.etcd_watch_restarts)),
+    Family("draining", "gauge", "1 while draining for shutdown.",
+           _one(lambda snap: 1 if snap.draining else 0)),
+    Family("log_lines_dropped_total", "counter",
+           "Log lines dropped because stderr was not taking them.",
+           _one(lambda snap: snap.log_lines_dropped)),
+    Family("process_start_time_seconds", "gauge",
+           "Start time of the process since the Unix epoch, in seconds.",
+           _one(lambda snap: snap.stats.start_time)),
+)
+
+
+def render(snap: Snapshot, const_labels: Labels = ()) -> str:
+    """The exposition; ``const_labels`` (e.g. ``worker``) go on every sample."""
+    lines: list[str] = []
+    for family in FAMILIES:
+        name = "rawproxy_" + family.name
+        lines.append(f"# HELP {name} {family.help_text}")
+        lines.append(f"# TYPE {name} {family.kind}")
+        for suffix, labels, value in family.samples(snap):
+            lines.append(f"{name}{suffix}{_labels((*const_labels, *labels))} {_number(value)}")
+    return "\n".join(lines) + "\n"

@@ -15,9 +15,13 @@ boundary):
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
+import sys
 from typing import Optional, Tuple, Union
+
+from . import outcomes
 
 SockAddr = Union[Tuple[str, int], Tuple[str, int, int, int]]
 
@@ -26,16 +30,16 @@ WOULD_BLOCK = (BlockingIOError, InterruptedError)
 # Connect errors worth a word of their own in logs and metrics; anything
 # else is reported by its errno name.
 _CONNECT_REASONS = {
-    errno.ECONNREFUSED: "refused",
-    errno.ENETUNREACH: "unreachable",
-    errno.EHOSTUNREACH: "unreachable",
-    errno.EHOSTDOWN: "unreachable",
-    errno.EADDRNOTAVAIL: "unreachable",
-    errno.ENETDOWN: "unreachable",
-    errno.EAFNOSUPPORT: "unreachable",  # e.g. IPv6 disabled on this host
-    errno.ETIMEDOUT: "timeout",
-    errno.ECONNRESET: "reset",
-    errno.ECONNABORTED: "reset",
+    errno.ECONNREFUSED: outcomes.REFUSED,
+    errno.ENETUNREACH: outcomes.UNREACHABLE,
+    errno.EHOSTUNREACH: outcomes.UNREACHABLE,
+    errno.EHOSTDOWN: outcomes.UNREACHABLE,
+    errno.EADDRNOTAVAIL: outcomes.UNREACHABLE,
+    errno.ENETDOWN: outcomes.UNREACHABLE,
+    errno.EAFNOSUPPORT: outcomes.UNREACHABLE,  # e.g. IPv6 disabled on this host
+    errno.ETIMEDOUT: outcomes.TIMEOUT,
+    errno.ECONNRESET: outcomes.RESET,
+    errno.ECONNABORTED: outcomes.RESET,
 }
 
 # After a connection is established, these mean the other end (or the path
@@ -60,6 +64,10 @@ ACCEPT_TRANSIENT_ERRNOS = frozenset({
 })
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# Created non-blocking in one call where the kernel can (no ioctl after).
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# Linux copies a listener's TCP_NODELAY into each socket accept() returns.
+_NODELAY_INHERITED = sys.platform.startswith("linux")
 
 
 class ConnectFailed(Exception):
@@ -82,6 +90,13 @@ def connect_reason(err: int) -> str:
 
 def is_peer_gone(exc: OSError) -> bool:
     return exc.errno in _PEER_GONE_ERRNOS
+
+
+def is_local_shortage(exc: BaseException) -> bool:
+    """This process is out of descriptors or memory (not a peer's doing)."""
+    if isinstance(exc, (LocalResourceError, MemoryError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in ACCEPT_RESOURCE_ERRNOS
 
 
 def open_listener(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
@@ -117,14 +132,15 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
     when no socket can be had.
     """
     try:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, _NONBLOCKING_STREAM)
     except OSError as exc:
         # EMFILE and friends: this client cannot be served now, but the
         # target did nothing wrong, so its health must not suffer.
         if exc.errno in ACCEPT_RESOURCE_ERRNOS:
             raise LocalResourceError(exc.strerror or str(exc)) from exc
         raise ConnectFailed(connect_reason(exc.errno or 0)) from exc
-    sock.setblocking(False)
+    if _NONBLOCKING_STREAM == socket.SOCK_STREAM:
+        sock.setblocking(False)
     err = sock.connect_ex(sockaddr)
     if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
         sock.close()
@@ -133,7 +149,7 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
 
 
 def connect_next(addresses: list[tuple[int, SockAddr]],
-                 reason: str = "no address") -> tuple[Optional[socket.socket], str]:
+                 reason: str = outcomes.NO_ADDRESS) -> tuple[Optional[socket.socket], str]:
     """Start connecting to the first address that does not fail at once.
 
     Tried addresses are popped from ``addresses``.  Returns the socket (or
@@ -169,12 +185,32 @@ def finish_connect(sock: socket.socket) -> bool:
     return True
 
 
+def pending_error(sock: socket.socket) -> str:
+    """The socket's pending error (SO_ERROR, read and cleared) as text; "" if none."""
+    try:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return os.strerror(err) if err else ""
+
 
 def set_nodelay(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError:
         pass  # not TCP (a test's socketpair) or already reset: harmless
+
+
+def nodelay_for_accepted(listener: socket.socket) -> bool:
+    """Set TCP_NODELAY on a listener: True when every socket it accepts has
+    it with no call of its own (Linux), False when each must set it."""
+    if not _NODELAY_INHERITED:
+        return False
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        return False
+    return True
 
 
 def shutdown_write(sock: socket.socket) -> None:

@@ -43,17 +43,19 @@ Pipe = tuple[int, int]  # (read end, write end)
 
 
 class PipePool:
-    __slots__ = ("capacity", "max_free", "_free")
+    __slots__ = ("capacity", "max_free", "spares")
 
     def __init__(self, capacity: int, max_free: int = 32) -> None:
         self.capacity = capacity
         self.max_free = max_free
-        self._free: list[Pipe] = []
+        # Empty pipes ready for use.  The fast path (movers) pops one and
+        # appends it back within one event, so it never outgrows max_free.
+        self.spares: list[Pipe] = []
 
     def take(self) -> Pipe:
         """A non-blocking pipe (raises OSError, e.g. EMFILE)."""
-        if self._free:
-            return self._free.pop()
+        if self.spares:
+            return self.spares.pop()
         read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             fcntl.fcntl(write_end, _F_SETPIPE_SZ, self.capacity)
@@ -65,19 +67,19 @@ class PipePool:
         return read_end, write_end
 
     def give_back(self, pipe: Pipe) -> None:
-        if len(self._free) < self.max_free:
-            self._free.append(pipe)
+        if len(self.spares) < self.max_free:
+            self.spares.append(pipe)
         else:
             close_pipe(pipe)
 
     def close(self) -> None:
-        for pipe in self._free:
+        for pipe in self.spares:
             close_pipe(pipe)
-        self._free.clear()
+        self.spares.clear()
 
     @property
     def free_count(self) -> int:
-        return len(self._free)
+        return len(self.spares)
 
     def new_buffer(self) -> PipeBuffer:
         return PipeBuffer(self)
@@ -114,6 +116,15 @@ class PipeBuffer(HeldBytes):
         if pipe is None:
             pipe = self._pipe = self._pool.take()
         return pipe
+
+    def adopt(self, pipe: Pipe, held: int) -> None:
+        """Hold ``pipe`` with ``held`` bytes in it: the fast path's leftovers
+        (it borrowed the pipe from the pool itself), so that the general
+        code goes on from exactly where the reference would be."""
+        if self._pipe is not None or self.held or not 0 < held <= self.capacity:
+            raise ValueError(f"adopt({held}) into a buffer holding {self.held}")
+        self._pipe = pipe
+        self.held = held
 
     def mark_full(self) -> None:
         """splice into the pipe said EAGAIN although bytes fit by count."""

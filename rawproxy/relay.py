@@ -110,9 +110,26 @@ class Relay(Generic[B]):
         return ((WANT_READ if self.downstream.wants_read() else 0)
                 | (WANT_WRITE if self.upstream.wants_write() else 0))
 
+    def masks(self) -> tuple[int, int]:
+        """``(client_mask(), target_mask())`` in one call, the session's form:
+        the same rules, inlined (the tests hold the two forms equal)."""
+        up, down = self.upstream, self.downstream
+        up_held, down_held = up.buffer.held, down.buffer.held
+        up_read = WANT_READ if not up.src_eof and not up.buffer.is_full() else 0
+        down_read = WANT_READ if not down.src_eof and not down.buffer.is_full() else 0
+        return (up_read | (WANT_WRITE if down_held else 0),
+                down_read | (WANT_WRITE if up_held else 0))
+
     def is_done(self) -> bool:
         """Both directions ended: FIN seen and propagated each way."""
         return self.upstream.dst_shut and self.downstream.dst_shut
+
+    def is_last_to_end(self, flow: Flow[B]) -> bool:
+        """``flow`` is about to end and the other direction has ended: the
+        pair is then done, and closing both sockets sends the FIN that a
+        ``shutdown`` would (one call per direction, not two for the last)."""
+        other = self.downstream if flow is self.upstream else self.upstream
+        return other.dst_shut
 
     def bytes_buffered(self) -> int:
         return len(self.upstream.buffer) + len(self.downstream.buffer)

@@ -17,9 +17,10 @@ import logging
 import os
 from typing import Optional
 
-from .config import ConfigError, FileConfigSource
+from .config import Config, ConfigError, ConfigSource, FileConfigSource
+from .listeners import BindError
 from .loop import EventLoop
-from .server import BindError, Server
+from .server import Server
 
 log = logging.getLogger("rawproxy.reload")
 
@@ -37,37 +38,58 @@ def file_identity(path: str) -> Optional[FileIdentity]:
 
 
 class Reloader:
-    def __init__(self, loop: EventLoop, server: Server, source: FileConfigSource) -> None:
+    """Serves a new config: :meth:`apply` is the one way in, whatever the
+    source (this file, or etcd through ``fleetsource``)."""
+
+    def __init__(self, loop: EventLoop, server: Server, source: ConfigSource) -> None:
         self._loop = loop
         self._server = server
         self._source = source
-        self._identity = file_identity(source.path)
+        self._path = source.path if isinstance(source, FileConfigSource) else None
+        self._identity = file_identity(self._path) if self._path is not None else None
 
     def reload(self, trigger: str) -> bool:
-        stats = self._server.stats
-        self._identity = file_identity(self._source.path)
+        if self._path is not None:
+            self._identity = file_identity(self._path)
         try:
             config = self._source.load()
+        except ConfigError as exc:
+            self.reject(trigger, exc)
+            return False
+        return self.apply(config, trigger)
+
+    def apply(self, config: Config, trigger: str) -> bool:
+        """Serve ``config`` (validated) from now on, or say why not."""
+        try:
             self._server.reload(config)
         except (ConfigError, BindError) as exc:
-            stats.reloads_failed += 1
-            stats.last_reload_ok = False
-            log.error("reload (%s) rejected, the old config keeps serving: %s", trigger, exc)
+            self.reject(trigger, exc)
             return False
         except RuntimeError as exc:  # draining
             log.warning("reload (%s) ignored: %s", trigger, exc)
             return False
-        stats.reloads_ok += 1
-        stats.last_reload_ok = True
+        self._server.stats.reloads_ok += 1
+        self._server.stats.last_reload_ok = True
         return True
+
+    def reject(self, trigger: str, error: Exception) -> None:
+        """A config that will not be served: logged, counted, the old one stays."""
+        self._server.stats.reloads_failed += 1
+        self._server.stats.last_reload_ok = False
+        log.error("reload (%s) rejected, the old config keeps serving: %s", trigger, error)
 
     def watch(self) -> None:
         """Poll the file once a second and reload when it changed."""
-        self._loop.call_later(WATCH_INTERVAL_S, self._poll)
+        if self._path is not None:
+            self._loop.call_later(WATCH_INTERVAL_S, self._poll)
+
+    def close(self) -> None:
+        """Stop following the source (nothing to do for a polled file)."""
 
     def _poll(self) -> None:
-        identity = file_identity(self._source.path)
+        assert self._path is not None
+        identity = file_identity(self._path)
         if identity is not None and identity != self._identity:
-            log.info("%s changed on disk", self._source.path)
+            log.info("%s changed on disk", self._path)
             self.reload("file changed")
         self._loop.call_later(WATCH_INTERVAL_S, self._poll)

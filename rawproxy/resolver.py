@@ -11,8 +11,11 @@ callbacks always run on the loop thread.  Contract:
 * Answers are cached for ``ttl_s`` (30 s by default); failures for
   ``negative_ttl_s`` (5 s), so a dead name does not queue a lookup per
   client but is retried soon after it is fixed.
-* ``getaddrinfo`` and the clock are parameters: unit tests replace them and
-  never send a query to a real resolver.
+* A failure that is ours, not the name's (no thread could be started, no
+  descriptor or memory for the lookup: ``Resolution.local``), is answered
+  but never cached, and callers must not charge it to the target.
+* ``getaddrinfo``, the clock and the thread factory are parameters: unit
+  tests replace them and never send a query to a real resolver.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence, Tuple
 
+from . import netio
 from .netio import SockAddr
 
 log = logging.getLogger("rawproxy.resolver")
@@ -33,15 +37,31 @@ log = logging.getLogger("rawproxy.resolver")
 Address = Tuple[int, SockAddr]  # (family, sockaddr) ready for connect
 GetAddrInfo = Callable[..., Sequence[Tuple[Any, ...]]]
 Post = Callable[[Callable[[], None]], None]
+ThreadFactory = Callable[..., threading.Thread]
+
+# getaddrinfo failures that say "this process is short of something": a
+# system error (EAI_SYSTEM, which Python raises as a plain OSError with
+# its errno) for descriptors or memory, or EAI_MEMORY.  EAI_AGAIN is not
+# among them: it is the name service failing to answer, which makes the
+# target as unreachable as any unresolvable name.
+_EAI_MEMORY = getattr(socket, "EAI_MEMORY", None)
 
 
 class Resolution:
-    __slots__ = ("addresses", "error", "expires_at")
+    __slots__ = ("addresses", "error", "expires_at", "local")
 
-    def __init__(self, addresses: tuple[Address, ...], error: str, expires_at: float) -> None:
+    def __init__(self, addresses: tuple[Address, ...], error: str, expires_at: float,
+                 local: bool = False) -> None:
         self.addresses = addresses
         self.error = error  # "" when addresses were found
         self.expires_at = expires_at
+        self.local = local  # the failure is this process's shortage, not the name's
+
+
+def _is_local_failure(exc: BaseException) -> bool:
+    if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code
+        return _EAI_MEMORY is not None and exc.errno == _EAI_MEMORY
+    return netio.is_local_shortage(exc)
 
 
 def literal_address(host: str, port: int) -> Optional[Address]:
@@ -57,8 +77,10 @@ def literal_address(host: str, port: int) -> Optional[Address]:
 class Resolver:
     def __init__(self, post: Post, getaddrinfo: GetAddrInfo = socket.getaddrinfo,
                  clock: Callable[[], float] = time.monotonic, ttl_s: float = 30.0,
-                 negative_ttl_s: float = 5.0, workers: int = 2) -> None:
+                 negative_ttl_s: float = 5.0, workers: int = 2,
+                 thread_factory: ThreadFactory = threading.Thread) -> None:
         self._post = post
+        self._thread_factory = thread_factory
         self._getaddrinfo = getaddrinfo
         self._clock = clock
         self._ttl_s = ttl_s
@@ -86,19 +108,30 @@ class Resolver:
         if waiting is not None:
             waiting.append(on_done)
             return None
+        problem = self._start_workers()
+        if problem:
+            # Answered now and not cached: nothing was queued, so nothing
+            # is left waiting on a job no worker will ever take.
+            return Resolution((), f"cannot resolve {host}: {problem}", self._clock(),
+                              local=True)
         self._waiting[key] = [on_done]
-        self._start_workers()
         self._jobs.put(key)
         return None
 
-    def _start_workers(self) -> None:
-        if self._threads or self._closed:
-            return
-        for index in range(self._worker_count):
-            thread = threading.Thread(target=self._work, name=f"rawproxy-dns-{index}",
-                                      daemon=True)
-            thread.start()
+    def _start_workers(self) -> str:
+        """Top the workers up to their number; "" if at least one runs."""
+        if self._closed:
+            return "resolver closed"
+        while len(self._threads) < self._worker_count:
+            name = f"rawproxy-dns-{len(self._threads)}"
+            try:
+                thread = self._thread_factory(target=self._work, name=name, daemon=True)
+                thread.start()
+            except RuntimeError as exc:  # "can't start new thread": a thread limit
+                log.warning("cannot start a resolver thread: %s", exc)
+                break
             self._threads.append(thread)
+        return "" if self._threads else "no resolver thread"
 
     def _work(self) -> None:
         while True:
@@ -114,10 +147,13 @@ class Resolver:
         try:
             infos = self._getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                       proto=socket.IPPROTO_TCP)
-        except (OSError, UnicodeError) as exc:
-            reason = getattr(exc, "strerror", None) or str(exc)
+        except Exception as exc:  # anything: a worker that dies would wedge the name
+            reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+            local = _is_local_failure(exc)
+            if not local and not isinstance(exc, (OSError, UnicodeError)):
+                log.error("getaddrinfo(%r) raised %r", host, exc)
             return Resolution((), f"cannot resolve {host}: {reason}",
-                              self._clock() + self._negative_ttl_s)
+                              self._clock() + self._negative_ttl_s, local)
         addresses: list[Address] = []
         for family, _type, _proto, _canon, sockaddr in infos:
             address = (family, sockaddr)
@@ -129,7 +165,8 @@ class Resolver:
         return Resolution(tuple(addresses), "", self._clock() + self._ttl_s)
 
     def _deliver(self, key: tuple[str, int], resolution: Resolution) -> None:
-        self._cache[key] = resolution
+        if not resolution.local:
+            self._cache[key] = resolution
         for on_done in self._waiting.pop(key, []):
             try:
                 on_done(resolution)

@@ -29,27 +29,29 @@ class BufferPool:
     of backpressure does not pin its peak memory for ever.
     """
 
-    __slots__ = ("buffer_bytes", "max_free", "_free")
+    __slots__ = ("buffer_bytes", "max_free", "spares")
 
     def __init__(self, buffer_bytes: int, max_free: int = 64) -> None:
         if buffer_bytes <= 0:
             raise ValueError("buffer_bytes must be positive")
         self.buffer_bytes = buffer_bytes
         self.max_free = max_free
-        self._free: list[bytearray] = []
+        # Free arrays.  The fast path (movers) pops one and appends it back
+        # within one event, so it never outgrows max_free.
+        self.spares: list[bytearray] = []
 
     def take(self) -> bytearray:
-        if self._free:
-            return self._free.pop()
+        if self.spares:
+            return self.spares.pop()
         return bytearray(self.buffer_bytes)
 
     def give_back(self, storage: bytearray) -> None:
-        if len(self._free) < self.max_free:
-            self._free.append(storage)
+        if len(self.spares) < self.max_free:
+            self.spares.append(storage)
 
     @property
     def free_count(self) -> int:
-        return len(self._free)
+        return len(self.spares)
 
     def new_buffer(self) -> RingBuffer:
         return RingBuffer(self)
@@ -139,6 +141,19 @@ class RingBuffer(HeldBytes):
         if self.held == 0:
             # recv_into wrote nothing (EOF or error): do not pin the storage.
             self._release()
+
+    def adopt(self, storage: bytearray, start: int, held: int) -> None:
+        """Hold ``storage`` whose bytes ``[start, start + held)`` are unsent:
+        the fast path's leftovers (it borrowed the array from the pool
+        itself), so that the general code goes on from where the reference
+        would be."""
+        if (self._storage is not None or self.held or len(storage) != self.capacity
+                or held <= 0 or start < 0 or start + held > self.capacity):
+            raise ValueError(f"adopt({start}, {held}) into a ring holding {self.held}")
+        self._storage = storage
+        self._view = memoryview(storage)
+        self._start = start
+        self.held = held
 
     def readable(self) -> memoryview:
         """The oldest contiguous held bytes (empty view when empty)."""

@@ -8,10 +8,22 @@
   each failed connect marks the target down for a back-off that doubles with
   every consecutive failure (``base_s``, ``2*base_s``, ... up to ``max_s``);
   one success clears it.  An active health check (``HealthCheck``) can also
-  hold a target down until a check succeeds.  When every untried target is
-  down, they are tried
-  anyway: a proxy that refuses because of stale health is worse than one
-  that spends a connect attempt finding out.
+  hold a target down until a check succeeds; only a balancer built with
+  ``active_checks`` (its app has a ``HealthCheck``) takes check verdicts,
+  and one without drops those it adopts, since no check would ever lift
+  them.  When every untried target is down, they are tried anyway: a proxy
+  that refuses because of stale health is worse than one that spends a
+  connect attempt finding out.
+
+Load (SPEC 9): :meth:`Balancer.acquire` makes the choice of
+:func:`rawproxy.balance.pick` -- health, then the app's ``Concurrency``
+tiers, then ``Balance`` -- and counts the connection to the chosen target
+in the shared :class:`~rawproxy.counters.Counters` in the same step (under
+their lock when the app has limits, so two workers cannot both take the
+last slot); :meth:`Balancer.release` gives it back.  A :class:`Route` also
+carries its app's own slot, which the server counts ``MaxConnections`` in.
+Slots are found by (app name, target address), so the connections a
+session opened under an older config are given back to the same count.
 
 Time comes in as an argument (``now``), randomness from an injected
 ``random.Random``, so tests drive it with a fake clock and a seed.
@@ -21,10 +33,15 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Callable, Collection, Iterable, Mapping, Optional
+from typing import Callable, Collection, Iterable, Mapping, Optional, Union
 
-from .config import App, Config, Target
+from .balance import Candidate, Choice, Verdict, pick
+from .config import BALANCE_LEAST_CONNECTIONS, App, Config, ConfigError, Target
+from .counters import Counters, CountersFull, SharedCounters
 from .stats import AppStats, Stats
+
+# What acquire() answers: a target (counted: release it), WAIT, or None.
+Acquired = Union[Target, Verdict, None]
 
 
 class Backoff:
@@ -43,10 +60,12 @@ class Backoff:
 
 class TargetHealth:
     __slots__ = ("target", "consecutive_failures", "down_until", "last_failure",
-                 "check_failed")
+                 "check_failed", "slot", "candidate")
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, slot: int = 0, index: int = 0) -> None:
         self.target = target
+        self.slot = slot  # its open connections' cell in the shared counters
+        self.candidate = Candidate(target.weight, tag=index)  # refilled for each choice
         self.consecutive_failures = 0
         self.down_until = 0.0
         self.last_failure = ""
@@ -69,16 +88,27 @@ HealthChange = Callable[[str, float], None]
 class Balancer:
     def __init__(self, targets: Iterable[Target], rng: random.Random,
                  backoff: Optional[Backoff] = None,
-                 on_change: Optional[HealthChange] = None) -> None:
-        self._health = {t: TargetHealth(t) for t in targets}
-        if not self._health:
-            raise ValueError("a balancer needs at least one target")
+                 on_change: Optional[HealthChange] = None, *,
+                 active_checks: bool = False, counters: Optional[Counters] = None,
+                 app_name: str = "", limits: Optional[tuple[int, int]] = None,
+                 least_connections: bool = False) -> None:
+        """``limits``: (SoftLimit, HardLimit) of the app's Concurrency;
+        ``counters`` default to a private one-process block."""
+        self._counters = counters or SharedCounters().worker(0)
+        # Empty only under --etcd, for an app whose registered targets all
+        # left: acquire() answers None and the server closes its clients.
+        self._health = {t: TargetHealth(t, self._counters.slot(app_name, t.address), index)
+                        for index, t in enumerate(targets)}
+        self._by_tag = list(self._health.values())
+        self._limits = limits
+        self._least_connections = least_connections
         self._rng = rng
         self._backoff = backoff or Backoff()
         # Told when this balancer's own passive health marks a target down
         # (up -> down) or up again, so sibling workers can share it; never of
         # changes that came from apply_shared.
         self._on_change = on_change
+        self._active_checks = active_checks
 
     @property
     def targets(self) -> tuple[Target, ...]:
@@ -90,24 +120,51 @@ class Balancer:
     def healths(self) -> tuple[TargetHealth, ...]:
         return tuple(self._health.values())
 
-    def choose(self, now: float, tried: Collection[Target] = ()) -> Optional[Target]:
-        """A target for the next attempt, or None when all were tried."""
+    def acquire(self, now: float, tried: Collection[Target] = ()) -> Acquired:
+        """The target for the next attempt, counted as open (give it back
+        with :meth:`release`); WAIT when every eligible target is at its
+        hard limit; None when every target was tried."""
         untried = [h for h in self._health.values() if h.target not in tried]
-        if not untried:
-            return None
-        up = [h for h in untried if not h.is_down(now)]
-        return self._weighted_pick(up or untried)
+        if self._limits is None:
+            return self._take(self._choose(untried, now))
+        with self._counters.lock:
+            choice = self._choose(untried, now)
+            if choice is Verdict.WAIT:
+                self._counters.mark_waiting()
+                return choice
+            return self._take(choice)
 
-    def _weighted_pick(self, candidates: list[TargetHealth]) -> Target:
-        if len(candidates) == 1:
-            return candidates[0].target
-        total = sum(h.target.weight for h in candidates)
-        point = self._rng.random() * total
-        for health in candidates:
-            point -= health.target.weight
-            if point < 0:
-                return health.target
-        return candidates[-1].target  # float rounding at the very top end
+    def _choose(self, untried: list[TargetHealth], now: float) -> Choice:
+        loaded = self._limits is not None or self._least_connections
+        total = self._counters.total
+        candidates = []
+        for health in untried:
+            candidate = health.candidate
+            candidate.down = health.is_down(now)
+            if loaded:
+                candidate.open = total(health.slot)
+            candidates.append(candidate)
+        return pick(candidates, self._rng, least_connections=self._least_connections,
+                    limits=self._limits)
+
+    def _take(self, choice: Choice) -> Acquired:
+        if choice is None or choice is Verdict.WAIT:
+            return choice
+        health = self._by_tag[choice.tag]
+        self._counters.add(health.slot, 1)
+        return health.target
+
+    def release(self, target: Target) -> None:
+        """A connection counted by :meth:`acquire` closed (or failed)."""
+        slot = self._health[target].slot
+        if self._limits is None:
+            self._counters.add(slot, -1)
+        else:
+            self._counters.give_back(slot)  # and wakes workers waiting for a slot
+
+    def open_connections(self, target: Target) -> int:
+        """Open to ``target`` from this worker (the metrics' and views' count)."""
+        return self._counters.own(self._health[target].slot)
 
     def record_failure(self, target: Target, now: float, reason: str) -> None:
         health = self._health.get(target)
@@ -143,9 +200,13 @@ class Balancer:
                 health.down_until = max(health.down_until, down_until)
 
     def record_check(self, target: Target, ok: bool, reason: str = "") -> None:
-        """An active check's verdict: down until a later check succeeds."""
+        """An active check's verdict: down until a later check succeeds.
+
+        Ignored without ``active_checks``: a check still in flight when a
+        reload removed the app's ``HealthCheck`` must not mark a target down
+        that no later check would bring back."""
         health = self._health.get(target)
-        if health is None:
+        if health is None or not self._active_checks:
             return
         health.check_failed = not ok
         if ok:
@@ -160,34 +221,56 @@ class Balancer:
             previous = by_address.get(target.address)
             if previous is not None:
                 health.adopt(previous)
+                # Without checks (the reload removed HealthCheck) nothing
+                # would ever lift an adopted check failure.
+                health.check_failed = health.check_failed and self._active_checks
 
 
 class Route:
-    """An app, the balancing state of its targets and its counters."""
+    """An app, the balancing state of its targets and its counters; ``slot``
+    counts the app's open connections in ``counters``."""
 
-    __slots__ = ("app", "balancer", "stats")
+    __slots__ = ("app", "balancer", "stats", "counters", "slot")
 
-    def __init__(self, app: App, balancer: Balancer, stats: AppStats) -> None:
+    def __init__(self, app: App, balancer: Balancer, stats: AppStats,
+                 counters: Optional[Counters] = None) -> None:
         self.app = app
         self.balancer = balancer
         self.stats = stats
+        self.counters = counters or SharedCounters().worker(0)
+        self.slot = self.counters.slot(app.name)
 
 
 class Router:
+    counters: Counters
+
     def __init__(self, config: Config, rng: random.Random,
                  backoff: Optional[Backoff] = None, *, stats: Optional[Stats] = None,
                  previous: Optional[Router] = None,
-                 on_change: Optional[Callable[[str, str, float], None]] = None) -> None:
-        """``on_change(app, address, down_until)``: see :class:`Balancer`."""
+                 on_change: Optional[Callable[[str, str, float], None]] = None,
+                 counters: Optional[Counters] = None) -> None:
+        """``on_change(app, address, down_until)``: see :class:`Balancer`.
+        ``counters``: the shared counts (default: ``previous``'s, else a
+        one-process block); ConfigError if they have no room for the names."""
         stats = stats or Stats()
+        counts = counters or (previous.counters if previous is not None
+                              else SharedCounters().worker(0))
+        self.counters = counts
 
-        def balancer(app: App) -> Balancer:
+        def make_route(app: App) -> Route:
             hook = None if on_change is None else functools.partial(on_change, app.name)
-            return Balancer(app.targets, rng, backoff, hook)
+            limits = None if app.concurrency is None else (
+                app.concurrency.soft_limit, app.concurrency.hard_limit)
+            balancer = Balancer(app.targets, rng, backoff, hook,
+                                active_checks=app.health_check is not None,
+                                counters=counts, app_name=app.name, limits=limits,
+                                least_connections=app.balance == BALANCE_LEAST_CONNECTIONS)
+            return Route(app, balancer, stats.app(app.name), counts)
 
-        self.routes: dict[str, Route] = {
-            app.name: Route(app, balancer(app), stats.app(app.name)) for app in config.apps
-        }
+        try:
+            self.routes: dict[str, Route] = {app.name: make_route(app) for app in config.apps}
+        except CountersFull as exc:
+            raise ConfigError(f"{config.source}: {exc}") from None
         if previous is not None:
             for name, route in self.routes.items():
                 old = previous.routes.get(name)

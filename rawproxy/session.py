@@ -2,15 +2,22 @@
 
 Lifecycle::
 
-    accept -> CONNECTING [-> failover]* -> RELAYING -> CLOSED
-                        \\-> CLOSED (every target failed, or the client left)
+    accept -> CONNECTING [-> WAITING -> CONNECTING]* [-> failover]* -> RELAYING -> CLOSED
+                        \\-> CLOSED (every target failed, queue timeout, client left)
 
-CONNECTING covers resolving the target's name and trying each of its
-addresses in turn, all within the app's ``ConnectTimeout`` per target.  Any
-failure (refused, unreachable, timeout, unresolvable name) records a failure
-with the balancer and moves to the next untried target.  Nothing is read
-from the client until a target is connected: the kernel holds the client's
-early bytes, in order, and the relay delivers them first.
+CONNECTING is one :class:`~rawproxy.connect.Connector` per target tried
+(``ConnectTimeout`` each); a failure is charged to the target and the next
+untried one is chosen, but a shortage of our own closes the session with
+no verdict.  Nothing is read from the client meanwhile (the kernel holds
+its early bytes, in order, for the relay to deliver first); only a reset
+of the client is watched for, so it costs no backend connect.  WAITING
+(still state CONNECTING): every eligible target is at the app's
+``HardLimit``, so the session waits in the app's queue
+(:mod:`rawproxy.waitqueue`), its client unread, until a slot frees
+(``resume``: failover goes on from the targets not yet tried) or
+``QueueTimeout`` passes (``end=queue-timeout``).  The connection counted
+to a target (:meth:`~rawproxy.router.Balancer.acquire`) is given back when
+its connect fails or the session closes, and the queue is told.
 
 RELAYING moves bytes with the sans-IO :class:`~rawproxy.relay.Relay`: a
 readable side is read into its flow's buffer and the buffer is sent on at
@@ -19,29 +26,33 @@ state (nothing held, no FIN) the interest is not even recomputed.  FIN
 becomes ``shutdown(SHUT_WR)`` toward the other side; reset or error on
 either side aborts both (RST where the OS allows), including a side that is
 neither read nor written (``EVENT_ERROR`` from the loop's error watch).
-Every socket is closed exactly once, in :meth:`Session.close`.
+A timeout that would drop buffered bytes resets rather than FINs, so a
+truncated stream never passes for a whole one.  Any failure to allocate
+(socket, pipe, buffer) closes the session cleanly.  Every socket is closed
+exactly once, in :meth:`Session.close`.
 
-:class:`Session` holds the logic; :class:`CopySession` moves bytes with
-``recv_into``/``send`` through a ring, :class:`SpliceSession` with
-``splice(2)`` through a pipe.
+:class:`Session` holds the logic; its subclasses in :mod:`rawproxy.movers`
+move the bytes (``recv_into``/``send`` through a ring, or ``splice(2)``).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import os
 import socket
 from typing import Any, Callable, Generic, Optional, TypeVar
 
-from . import netio, proxyproto
+from . import netio, outcomes, proxyproto
+from .balance import Verdict
 from .config import Target
+from .connect import Connector
 from .loop import EVENT_ERROR, EVENT_READ, EVENT_WRITE, EventLoop, Timer
-from .pipes import SPLICE_FLAGS, PipeBuffer, PipePool
+from .pipes import PipePool
 from .relay import Flow, FlowBuffer, Relay
-from .resolver import Address, Resolution, Resolver
-from .ringbuf import BufferPool, RingBuffer
+from .resolver import Resolver
+from .ringbuf import BufferPool
 from .router import Route
+from .waitqueue import WaitQueues
 
 log = logging.getLogger("rawproxy.session")
 
@@ -58,13 +69,17 @@ class SessionContext:
     """What every session of a server shares (one object, not globals)."""
 
     __slots__ = ("loop", "resolver", "pool", "pipes", "on_closed", "half_open_timeout_s",
-                 "on_no_resources")
+                 "on_no_resources", "queues")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
                  on_closed: Callable[[Session[Any]], None],
                  half_open_timeout_s: float = 60.0,
                  pipes: Optional[PipePool] = None,
-                 on_no_resources: Callable[[str], None] = lambda reason: None) -> None:
+                 on_no_resources: Callable[[str], None] = lambda reason: None,
+                 queues: Optional[WaitQueues] = None) -> None:
+        # Sessions waiting for a slot (an app's Concurrency), by app.
+        self.queues = (queues if queues is not None
+                       else WaitQueues(loop.time, loop.call_later, loop.call_soon))
         self.on_no_resources = on_no_resources  # the server pauses accepting
         self.loop = loop
         self.resolver = resolver
@@ -82,9 +97,9 @@ class Session(Generic[B]):
 
     __slots__ = (
         "_ctx", "route", "client", "client_addr", "listen_port", "state",
-        "target", "_target_sock", "_tried", "_addresses", "_last_error",
-        "_connect_timer", "_idle_timer", "relay", "started_at", "last_active",
-        "end", "end_detail", "_client_fd", "_target_fd", "_attempt_started", "_steady",
+        "target", "_target_sock", "_tried", "_last_error", "_connector",
+        "_idle_timer", "relay", "started_at", "last_active",
+        "end", "end_detail", "_client_fd", "_target_fd", "_steady", "_counted",
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
@@ -100,14 +115,13 @@ class Session(Generic[B]):
         self._target_sock: Optional[socket.socket] = None
         self._target_fd = -1
         self._tried: list[Target] = []
-        self._addresses: list[Address] = []
+        self._counted: Optional[Target] = None  # acquire() counted it: give it back
         self._last_error = ""
-        self._connect_timer: Optional[Timer] = None
+        self._connector: Optional[Connector] = None
         self._idle_timer: Optional[Timer] = None
         self.relay: Optional[Relay[B]] = None
         self.started_at = ctx.loop.now
         self.last_active = ctx.loop.now
-        self._attempt_started = 0.0
         self._steady = False
         self.end = ""          # short code: done, reset, idle-timeout, connect-failed, ...
         self.end_detail = ""   # why, for the access log
@@ -115,123 +129,126 @@ class Session(Generic[B]):
     # -- connecting and failover -------------------------------------------
 
     def start(self) -> None:
-        self._try_next_target()
+        # Errors only, while a target is tried: the client's bytes wait in
+        # the kernel, but a client that resets must not cost a backend
+        # connect.  A plain FIN is no reason to give up: a half-closing
+        # client still wants its answer.
+        self._ctx.loop.watch(self._client_fd, self._on_client_events, errors_only=True)
+        if self._ctx.queues.length(self.route.app.name):
+            self._wait()  # others wait already: first come, first served
+        else:
+            self._try_next_target()
 
     def _try_next_target(self) -> None:
-        balancer = self.route.balancer
-        target = balancer.choose(self._ctx.loop.time(), self._tried)
+        target = self.route.balancer.acquire(self._ctx.loop.time(), self._tried)
         if target is None:
-            self.close("connect-failed", reset=False, detail=self._last_error)
+            self.close(outcomes.CONNECT_FAILED, reset=False, detail=self._last_error)
             return
+        if target is Verdict.WAIT:
+            self._wait()
+            return
+        self._counted = target
         self._tried.append(target)
         self.target = target
         self.route.stats.target(target.address).attempts += 1
-        self._attempt_started = self._ctx.loop.time()
-        self._connect_timer = self._ctx.loop.call_later(
-            self.route.app.connect_timeout_s, self._on_connect_timeout)
-        resolution = self._ctx.resolver.resolve(
-            target.host, target.port, lambda later: self._on_resolved(target, later))
-        if resolution is not None:
-            self._on_resolved(target, resolution)
+        self._connector = Connector(self._ctx.loop, self._ctx.resolver, target.host,
+                                    target.port, self.route.app.connect_timeout_s,
+                                    self._on_connected, self._on_connect_failed,
+                                    keep_watched=True)
+        self._connector.start()
 
-    def _on_resolved(self, target: Target, resolution: Resolution) -> None:
-        # A late answer may concern an attempt that already timed out, or a
-        # session that already closed: only the current attempt may use it.
-        if (self.state is not State.CONNECTING or target is not self.target
-                or self._target_sock is not None):
-            return
-        if resolution.error:
-            self._target_failed("dns", resolution.error)
-            return
-        self._addresses = list(resolution.addresses)
-        self._connect_next_address()
+    def _wait(self) -> None:
+        self._ctx.queues.wait(self, self.route.app.name, self.route.app.queue_timeout_s)
 
-    def _connect_next_address(self) -> None:
-        try:
-            sock, reason = netio.connect_next(self._addresses, self._last_error or "no address")
-        except netio.LocalResourceError as exc:
-            self.close("no-resources", reset=True, detail=str(exc))
-            self._ctx.on_no_resources(str(exc))
-            return
-        if sock is None:
-            self._target_failed(reason)
-            return
-        self._target_sock = sock
-        self._target_fd = sock.fileno()
-        loop = self._ctx.loop
-        loop.watch(self._target_fd, self._on_target_events)
-        loop.set_interest(self._target_fd, EVENT_WRITE)
+    @property
+    def has_tried(self) -> bool:
+        return bool(self._tried)
 
-    def _drop_target_socket(self) -> None:
-        sock = self._target_sock
-        if sock is not None:
-            self._ctx.loop.unwatch(self._target_fd)
-            netio.close(sock)
-            self._target_sock = None
-            self._target_fd = -1
+    def resume(self) -> None:
+        """Waiting in the queue, and a slot may be free: try again."""
+        if self.state is State.CONNECTING and self._connector is None:
+            self._try_next_target()
 
-    def _on_connect_timeout(self) -> None:
-        self._connect_timer = None
-        self._addresses = []
-        self._drop_target_socket()
-        self._target_failed("timeout")
+    def queue_timed_out(self, waited_s: float) -> None:
+        self.close(outcomes.QUEUE_TIMEOUT, reset=False,
+                   detail=f"no free slot in {waited_s:.3g}s: every target at its HardLimit")
 
-    def _target_failed(self, reason: str, detail: str = "") -> None:
+    def _give_back(self) -> None:
+        """The target's count is freed: tell the balancer, and the queue."""
+        target, self._counted = self._counted, None
+        if target is not None:
+            self.route.balancer.release(target)
+            self._ctx.queues.freed(self.route.app.name)
+
+    def _on_connect_failed(self, reason: str, detail: str) -> None:
         """``reason`` is a short label for metrics; ``detail`` says more in logs."""
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        self._last_error = detail or reason
+        self._connector = None
+        self._give_back()
+        if reason == outcomes.NO_RESOURCES:
+            self._no_resources(detail)  # ours, not the target's: no failover either
+            return
+        self._last_error = detail
         target = self.target
         assert target is not None
         self.route.balancer.record_failure(target, self._ctx.loop.time(), reason)
         self.route.stats.target(target.address).failed(reason)
         log.warning("app %s: target %s: connect failed: %s (client %s)",
-                    self.route.app.name, target.address, detail or reason, self.client_addr)
+                    self.route.app.name, target.address, detail, self.client_addr)
         self._try_next_target()
 
-    def _on_connect_ready(self) -> None:
-        sock = self._target_sock
-        assert sock is not None
-        try:
-            if not netio.finish_connect(sock):
-                return  # a stale wake-up: the connect is still under way
-        except netio.ConnectFailed as exc:
-            self._last_error = exc.reason
-            self._drop_target_socket()
-            if self._addresses:
-                self._connect_next_address()
-            else:
-                self._target_failed(exc.reason)
-            return
-        self._start_relaying(sock)
-
-    def _start_relaying(self, target_sock: socket.socket) -> None:
-        if self._connect_timer is not None:
-            self._connect_timer.cancel()
-            self._connect_timer = None
-        assert self.target is not None
+    def _on_connected(self, sock: socket.socket) -> None:
+        connector, self._connector = self._connector, None
+        assert connector is not None and self.target is not None
+        self._target_sock = sock
+        self._target_fd = sock.fileno()
         loop = self._ctx.loop
+        loop.replace_handler(self._target_fd, self._on_target_events)  # still watched
         self.route.balancer.record_success(self.target)
         target_stats = self.route.stats.target(self.target.address)
         target_stats.connected += 1
-        target_stats.latency.observe(loop.time() - self._attempt_started)
+        target_stats.latency.observe(loop.time() - connector.started_at)
+        try:
+            self._start_relaying(sock)
+        except Exception as exc:
+            # No pipe or buffer for this connection, or the client vanished:
+            # close cleanly, never leave a session half set up.
+            self._fail(exc)
+            return
+        # Most clients speak first, and their bytes are waiting by now: read
+        # them at once, not one wake-up later (HAProxy does the same).
+        self._on_client_events(EVENT_READ)
+
+    def _start_relaying(self, target_sock: socket.socket) -> None:
         netio.set_nodelay(target_sock)
-        self.state = State.RELAYING
         self.relay = relay = self._new_relay()
         version = self.route.app.proxy_protocol
         if version is not None:
             # Before any client byte: the target reads the real client first.
-            try:
-                peer, local = self.client.getpeername(), self.client.getsockname()
-            except OSError as exc:
-                self.close("reset", reset=True, detail=exc.strerror or str(exc))
-                return
-            relay.upstream.buffer.append(proxyproto.header(version, peer, local))
-        loop.watch(self._client_fd, self._on_client_events)
-        self.last_active = loop.now
+            header = proxyproto.header(version, self.client.getpeername(),
+                                       self.client.getsockname())
+            relay.upstream.buffer.append(header)
+        self.state = State.RELAYING
+        self.last_active = self._ctx.loop.now
         self._arm_inactivity_timer()
         self._update_interest()
+
+    def _fail(self, exc: Exception) -> None:
+        """Close for ``exc`` (called in its ``except``), by whose doing it was."""
+        detail = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        if isinstance(exc, netio.PeerGone) or (isinstance(exc, OSError)
+                                               and netio.is_peer_gone(exc)):
+            self.close(outcomes.RESET, reset=True, detail=detail)
+        elif netio.is_local_shortage(exc):
+            self._no_resources(detail)
+        else:
+            # A bug must cost this one connection, not the loop: left open,
+            # a broken session would fire (and fail) on every turn.
+            log.exception("app %s: internal error in a session", self.route.app.name)
+            self.close(outcomes.ERROR, reset=True, detail=repr(exc))
+
+    def _no_resources(self, detail: str) -> None:
+        self.close(outcomes.NO_RESOURCES, reset=True, detail=detail)
+        self._ctx.on_no_resources(detail)
 
     # -- relaying -------------------------------------------------------------
 
@@ -242,6 +259,9 @@ class Session(Generic[B]):
         relay = self.relay
         target = self._target_sock
         if relay is None or target is None:
+            if self.state is State.CONNECTING and events & EVENT_ERROR:
+                self.close(outcomes.CLIENT_GONE, reset=True,
+                           detail=netio.pending_error(self.client) or "hung up")
             return
         self._pump(events, self.client, target, relay.upstream, relay.downstream)
 
@@ -249,8 +269,6 @@ class Session(Generic[B]):
         relay = self.relay
         target = self._target_sock
         if relay is None or target is None:
-            if self.state is State.CONNECTING:
-                self._on_connect_ready()
             return
         self._pump(events, target, self.client, relay.downstream, relay.upstream)
 
@@ -265,26 +283,14 @@ class Session(Generic[B]):
                 self._send(outbound, sock)
             if events & EVENT_READ and inbound.wants_read():
                 self._receive(inbound, sock, other)
-        except netio.PeerGone as exc:
-            self.close("reset", reset=True, detail=str(exc))
-            return
-        except netio.LocalResourceError as exc:
-            self.close("no-resources", reset=True, detail=str(exc))
-            self._ctx.on_no_resources(str(exc))
-            return
-        except OSError as exc:
-            if netio.is_peer_gone(exc):
-                self.close("reset", reset=True, detail=exc.strerror or str(exc))
-                return
-            log.exception("app %s: unexpected socket error", self.route.app.name)
-            self.close("error", reset=True, detail=str(exc))
-            return
         except Exception as exc:
-            # A bug must cost this one connection, not the loop: left open,
-            # a broken session would fire (and fail) on every turn.
-            log.exception("app %s: internal error in a session", self.route.app.name)
-            self.close("error", reset=True, detail=repr(exc))
+            self._fail(exc)
             return
+        self._settle()
+
+    def _settle(self) -> None:
+        """After a turn's I/O: close when both directions ended, else apply
+        the masks the flows now want (skipped in the steady state)."""
         relay = self.relay
         assert relay is not None
         up, down = relay.upstream, relay.downstream
@@ -292,7 +298,7 @@ class Session(Generic[B]):
                 and not (up.src_eof or down.src_eof)):
             return  # the usual turn: all passed straight through, interest unchanged
         if relay.is_done():
-            self.close("done", reset=False)
+            self.close(outcomes.DONE, reset=False)
         else:
             self._update_interest()
 
@@ -300,9 +306,9 @@ class Session(Generic[B]):
         """An error or hang-up on a side we are neither reading nor writing
         (it sent FIN, or its sender is paused): a reset closes the pair now;
         a plain hang-up (both directions shut) just stops the reports."""
-        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.close("reset", reset=True, detail=os.strerror(err))
+        detail = netio.pending_error(sock)
+        if detail:
+            self.close(outcomes.RESET, reset=True, detail=detail)
         else:
             self._ctx.loop.mute(sock.fileno())
 
@@ -314,6 +320,11 @@ class Session(Generic[B]):
 
     def _after_source_ended(self, flow: Flow[B], dst: socket.socket) -> None:
         if flow.should_shutdown_write():
+            relay = self.relay
+            assert relay is not None
+            if relay.is_last_to_end(flow):
+                flow.on_shutdown_write()  # _pump closes the pair next: close's FIN
+                return
             netio.shutdown_write(dst)
             flow.on_shutdown_write()
             self._arm_inactivity_timer()  # half-open now: a shorter limit may apply
@@ -322,7 +333,7 @@ class Session(Generic[B]):
         relay = self.relay
         assert relay is not None
         loop = self._ctx.loop
-        client_mask, target_mask = relay.client_mask(), relay.target_mask()
+        client_mask, target_mask = relay.masks()
         loop.set_interest(self._client_fd, client_mask)
         loop.set_interest(self._target_fd, target_mask)
         # Steady: both sides read, nothing held, no FIN; _pump may skip this
@@ -333,11 +344,11 @@ class Session(Generic[B]):
         """How long the connection may sit with no bytes moving, and the end code."""
         limit = self.route.app.idle_timeout_s
         if limit is not None:
-            return limit, "idle-timeout"  # the app's own setting wins, longer or shorter
+            return limit, outcomes.IDLE_TIMEOUT  # the app's own setting wins, longer or shorter
         relay = self.relay
         if relay is not None and (relay.upstream.dst_shut or relay.downstream.dst_shut):
-            return self._ctx.half_open_timeout_s, "half-open-timeout"
-        return None, "idle-timeout"
+            return self._ctx.half_open_timeout_s, outcomes.HALF_OPEN_TIMEOUT
+        return None, outcomes.IDLE_TIMEOUT
 
     def _arm_inactivity_timer(self) -> None:
         if self._idle_timer is not None:
@@ -354,7 +365,9 @@ class Session(Generic[B]):
         if self.state is not State.RELAYING or limit is None:
             return
         if self._ctx.loop.time() - self.last_active >= limit:
-            self.close(end, reset=False)
+            # Bytes still held would be dropped: a FIN would pass the cut
+            # stream off as complete, so the peers get a reset instead.
+            self.close(end, reset=self.relay is not None and self.relay.bytes_buffered() > 0)
         else:
             # Activity stamps are cheap; the timer is re-armed lazily for the
             # remainder instead of being rescheduled on every byte.
@@ -379,108 +392,26 @@ class Session(Generic[B]):
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        self._steady = False  # no fast path (movers) on a closed pair
         self.end = end
         self.end_detail = detail
-        for timer in (self._connect_timer, self._idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self._connect_timer = self._idle_timer = None
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
+        self._ctx.queues.leave(self)
+        self._give_back()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         loop = self._ctx.loop
-        loop.unwatch(self._client_fd)
+        # Both closed below, and only this session holds them: the kernel
+        # drops a closed socket from the epoll set, no call needed.
+        loop.unwatch(self._client_fd, closing=True)
         if self._target_sock is not None:
-            loop.unwatch(self._target_fd)
+            loop.unwatch(self._target_fd, closing=True)
             (netio.abort if reset else netio.close)(self._target_sock)
             self._target_sock = None
         (netio.abort if reset else netio.close)(self.client)
         if self.relay is not None:
             self.relay.close()
         self._ctx.on_closed(self)
-
-
-class CopySession(Session[RingBuffer]):
-    """Bytes pass through Python: ``recv_into`` a ring, ``send`` from it."""
-
-    __slots__ = ()
-
-    def _new_relay(self) -> Relay[RingBuffer]:
-        return Relay(self._ctx.pool)
-
-    def _receive(self, flow: Flow[RingBuffer], src: socket.socket, dst: socket.socket) -> None:
-        ring = flow.buffer
-        try:
-            nbytes = src.recv_into(ring.writable())
-        except netio.WOULD_BLOCK:
-            ring.commit(0)
-            return
-        except OSError:
-            ring.commit(0)
-            raise
-        flow.on_received(nbytes)
-        self.last_active = self._ctx.loop.now
-        self._send(flow, dst)
-
-    def _send(self, flow: Flow[RingBuffer], dst: socket.socket) -> None:
-        ring = flow.buffer
-        while ring.held:
-            view = ring.readable()
-            try:
-                sent = dst.send(view)
-            except netio.WOULD_BLOCK:
-                break
-            flow.on_sent(sent)
-            self.last_active = self._ctx.loop.now
-            if sent < len(view):
-                break
-        if flow.src_eof:
-            self._after_source_ended(flow, dst)
-
-
-class SpliceSession(Session[PipeBuffer]):
-    """Zero-copy: ``splice`` socket -> pipe -> socket, bytes never enter Python."""
-
-    __slots__ = ()
-
-    def _new_relay(self) -> Relay[PipeBuffer]:
-        pipes = self._ctx.pipes
-        assert pipes is not None
-        return Relay(pipes)
-
-    def _receive(self, flow: Flow[PipeBuffer], src: socket.socket, dst: socket.socket) -> None:
-        pipe = flow.buffer
-        try:
-            _, write_end = pipe.pipe()
-        except OSError as exc:
-            # No descriptors for a pipe: this connection cannot go on, the
-            # proxy can (accept pauses on the same shortage).
-            raise netio.LocalResourceError(f"no pipe: {exc.strerror or exc}") from exc
-        try:
-            nbytes = os.splice(  # novermin: only used where splice_available()
-                src.fileno(), write_end, pipe.free, flags=SPLICE_FLAGS)
-        except netio.WOULD_BLOCK:
-            if pipe.held:
-                pipe.mark_full()  # the pipe's slots are full, not the socket empty
-            else:
-                pipe.commit(0)
-            return
-        except OSError:
-            pipe.commit(0)
-            raise
-        flow.on_received(nbytes)
-        self.last_active = self._ctx.loop.now
-        self._send(flow, dst)
-
-    def _send(self, flow: Flow[PipeBuffer], dst: socket.socket) -> None:
-        pipe = flow.buffer
-        while pipe.held:
-            held = pipe.held
-            try:
-                sent = os.splice(  # novermin: only used where splice_available()
-                    pipe.pipe()[0], dst.fileno(), held, flags=SPLICE_FLAGS)
-            except netio.WOULD_BLOCK:
-                break
-            flow.on_sent(sent)
-            self.last_active = self._ctx.loop.now
-            if sent < held:
-                break
-        if flow.src_eof:
-            self._after_source_ended(flow, dst)

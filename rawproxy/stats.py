@@ -16,6 +16,11 @@ from typing import Optional
 # buckets span both, HAProxy-style, in seconds as Prometheus wants.
 CONNECT_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                              0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Time in an app's queue for a slot (SPEC 9): a slot freed by a closing
+# connection is handed on within a loop turn, a backlog drains in seconds,
+# and QueueTimeout (default 5 s) ends the wait.
+QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                        1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Histogram:
@@ -59,16 +64,19 @@ class TargetStats:
 
 
 class AppStats:
-    __slots__ = ("accepted", "denied", "closed", "bytes_in", "bytes_out", "ends", "targets")
+    __slots__ = ("accepted", "denied", "client_limited", "closed", "bytes_in", "bytes_out",
+                 "ends", "targets", "queue_wait")
 
     def __init__(self) -> None:
         self.accepted = 0
         self.denied = 0
+        self.client_limited = 0  # reset at accept by PerClient
         self.closed = 0
         self.bytes_in = 0    # client -> target, of closed connections
         self.bytes_out = 0   # target -> client, of closed connections
         self.ends: dict[str, int] = {}
         self.targets: dict[str, TargetStats] = {}
+        self.queue_wait = Histogram(QUEUE_WAIT_BUCKETS_S)  # each wait for a slot, however it ended
 
     def target(self, address: str) -> TargetStats:
         stats = self.targets.get(address)
@@ -88,6 +96,12 @@ class Stats:
         self.reloads_failed = 0
         self.last_reload_ok = True
         self.start_time = time.time() if start_time is None else start_time
+        # --etcd only (None otherwise, and then not exported): the store
+        # revision the running config reflects, whether the watch is up, and
+        # how often an endpoint was lost and the watch set up again.
+        self.config_revision: Optional[int] = None
+        self.etcd_connected: Optional[bool] = None
+        self.etcd_watch_restarts = 0
 
     def app(self, name: str) -> AppStats:
         stats = self.apps.get(name)

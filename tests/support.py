@@ -36,6 +36,15 @@ def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0,
         time.sleep(interval_s)
 
 
+def pid_running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (Linux: reads /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def free_ports(count: int) -> list[int]:
     """Ports the kernel just handed out, released for the caller to bind."""
     socks = []
@@ -48,6 +57,14 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in socks:
             sock.close()
+
+
+def stable_port_candidates(low: int) -> list[int]:
+    """The upper half of the 16384 ports below ``low``; the probe's local mode
+    takes the lower half (probe.ports), so a probe run never takes a port a
+    test is about to bind again."""
+    start = max(1024, low - 16384)
+    return list(range(start + (low - start) // 2, low))
 
 
 def stable_ports(count: int) -> list[int]:
@@ -63,7 +80,7 @@ def stable_ports(count: int) -> list[int]:
             low = int(ranges.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    candidates = list(range(max(1024, low - 16384), low))
+    candidates = stable_port_candidates(low)
     random.shuffle(candidates)
     chosen: list[int] = []
     for port in candidates:

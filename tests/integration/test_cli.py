@@ -150,3 +150,61 @@ def test_relay_path_is_chosen_and_logged(proxies: ProxyFactory) -> None:
     copying, _ = proxies.start([{"Name": "a", "Ports": 1, "Targets": ["127.0.0.1:9"]}],
                                "--no-splice")
     copying.wait_for_line(r"relaying with recv_into/send \(copy\)")
+
+
+# Issue #18: a timer past ~24.8 days overflows epoll's int of milliseconds and
+# crashed the loop; the options are bounded like the config's timeouts (7 days).
+@pytest.mark.parametrize("args, fragment", [
+    (["--drain-timeout", "3000000"], "--drain-timeout: '3000000' must be"),
+    (["--half-open-timeout", "3000000"], "--half-open-timeout: '3000000' must be"),
+    (["--drain-timeout", "604800.5"], "at most 604800"),
+    (["--half-open-timeout", "0"], "--half-open-timeout: '0' must be a number > 0"),
+    (["--half-open-timeout", "1e400"], "--half-open-timeout"),
+    (["--drain-timeout", "-0.5"], "--drain-timeout"),
+    (["--drain-timeout", "nan"], "--drain-timeout"),
+    (["--drain-timeout", ""], "--drain-timeout: '' is not a number of seconds"),
+])
+def test_timeouts_past_the_config_bound_are_usage_errors(args: list[str],
+                                                         fragment: str) -> None:
+    result = run_cli("--check", *args)
+    assert result.returncode == 2, result.stdout
+    assert_one_line_error(result.stderr, fragment)
+
+
+def test_timeouts_up_to_seven_days_are_accepted() -> None:
+    result = run_cli("--check", "--drain-timeout", "604800", "--half-open-timeout", "604800",
+                     "--drain-timeout", "0")
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--admin", ":0"], "--admin: ':0' is not HOST:PORT"),
+    (["--admin", "[::1]:x"], "is not HOST:PORT"),
+    (["--admin", f"{HOST}:70000"], "is not HOST:PORT"),
+    (["--admin", f"{HOST}:"], "is not HOST:PORT"),
+    (["--admin", f"{HOST}:-1"], "is not HOST:PORT"),
+    (["--admin", f"{HOST}:\u00b2"], "is not HOST:PORT"),        # superscript two: isdigit()
+    (["--admin", f"{HOST}:\u0663"], "is not HOST:PORT"),        # Arabic-Indic three
+    (["--admin", "a..b:1"], "'a..b' is not an IP address"),     # was a UnicodeError traceback
+    (["--admin", "[::1:80"], "is not an IP address"),
+    (["--admin", "::1]:0"], "is not an IP address"),
+    (["--admin", "localhost:0"], "is not an IP address"),       # bound numerically only
+    (["--admin", "1.2.3.4.5:0"], "is not an IP address"),
+    (["--listen-host", ""], "--listen-host: '' is not an IP address"),
+    (["--listen-host", "a..b"], "is not an IP address"),
+    (["--listen-host", "999.1.1.1"], "is not an IP address"),
+    (["--listen-host", "[::1]"], "is not an IP address"),
+    (["--workers", "\u00b2"], "is not a number of workers"),
+    (["--workers", "\u0663"], "is not a number of workers"),
+])
+def test_hostile_option_values_are_usage_errors(args: list[str], fragment: str) -> None:
+    result = run_cli("--check", *args)
+    assert result.returncode == 2, result.stdout
+    assert_one_line_error(result.stderr, fragment)
+
+
+@pytest.mark.parametrize("value", [f"{HOST}:0", "[::1]:9100", "::1:9100", "0.0.0.0:65535",
+                                   "[fe80::1%lo]:0"])
+def test_admin_accepts_ip_literals(value: str) -> None:
+    result = run_cli("--check", "--admin", value, "--listen-host", "::")
+    assert result.returncode == 0, result.stderr

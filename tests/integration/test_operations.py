@@ -236,10 +236,11 @@ def test_healthz_config_and_draining(proxies: ProxyFactory, backend: BackendFact
     status, content_type, body = get(port, "/config")
     assert status == 200 and content_type == "application/json"
     view = json.loads(body)
-    assert view["Apps"][0]["Name"] == "a"
-    assert view["Apps"][0]["Targets"][0] == {
-        "Address": live.address, "Weight": 1, "Up": True, "ConsecutiveFailures": 0,
-        "LastFailure": None, "HealthCheckFailing": False}
+    app = view["Apps"][0]
+    assert app["Name"] == "a" and app["Targets"] == [{"Address": live.address, "Weight": 1}]
+    assert app["Status"] == {"ActiveConnections": 0, "QueueLength": 0, "Targets": [{
+        "Address": live.address, "Up": True, "ConsecutiveFailures": 0,
+        "LastFailure": None, "HealthCheckFailing": False, "OpenConnections": 0}]}
     with connect(ports["a"][0]) as sock:
         sock.sendall(b"x")
         assert recv_exactly(sock, 1) == b"x"

@@ -10,13 +10,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from rawproxy.supervisor import CONTROL_TIMEOUT_S
 from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, dead_port,
-                           free_ports, recv_until_eof, stable_ports, wait_until)
+                           free_ports, recv_exactly, recv_until_eof, stable_ports, wait_until)
 
 BackendFactory = Callable[..., Backend]
 
@@ -170,7 +172,8 @@ def test_a_target_one_worker_finds_dead_is_skipped_by_the_others(
 
     def sibling_marked_it_down(admin: int) -> bool:
         views = json.loads(get(admin, "/config"))["Workers"]
-        targets = [next(t for t in view["Apps"][0]["Targets"] if t["Address"] == dead)
+        targets = [next(t for t in view["Apps"][0]["Status"]["Targets"]
+                        if t["Address"] == dead)
                    for view in views]
         # Down in a worker that never failed to reach it: told, not tried.
         return any(not t["Up"] and t["ConsecutiveFailures"] == 0 for t in targets)
@@ -193,3 +196,76 @@ def test_a_target_one_worker_finds_dead_is_skipped_by_the_others(
         except AssertionError:
             assert proxy.stop() == 0
     raise AssertionError("no worker learnt of the dead target from its sibling")
+
+
+def test_a_stop_signal_to_the_process_group_drains(proxies: ProxyFactory,
+                                                   backend: BackendFactory) -> None:
+    # Ctrl-C and systemd's KillMode=control-group signal every process of the
+    # group: the workers must not take the supervisor's relay for a second one.
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [backend().address]}],
+                                 "--workers", "2", wrapper=["setsid"])
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    assert os.getpgid(proxy.pid) == proxy.pid != os.getpgrp()  # its own group, not ours
+    with connect(ports["a"][0]) as sock:
+        sock.sendall(b"before")
+        assert recv_exactly(sock, 6) == b"before"
+        os.killpg(proxy.pid, signal.SIGTERM)
+        wait_until(lambda: proxy.count_lines(r"draining \d+ connections") == 2,
+                   message="both workers to drain")
+        sock.sendall(b"during the drain")
+        sock.shutdown(socket.SHUT_WR)
+        assert recv_until_eof(sock) == b"during the drain"
+    assert proxy.wait() == 0
+    assert proxy.count_lines("second stop signal") == 0
+
+
+def test_a_restarted_worker_keeps_the_last_accepted_config_after_a_rejected_edit(
+        proxies: ProxyFactory, backend: BackendFactory) -> None:
+    (admin,) = stable_ports(1)
+    target = backend().address
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [target]}],
+                                 "--workers", "2", "--admin", f"{HOST}:{admin}")
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    (added,) = stable_ports(1)
+    accepted = [ports["a"][0], added]
+    proxy.config_path.write_text(json.dumps({"Apps": [
+        {"Name": "a", "Ports": accepted, "Targets": [target]}]}))
+    proxy.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.count_lines("config reloaded") == 2)
+    proxy.config_path.write_text('{"Apps": [')  # a bad edit: rejected by both
+    proxy.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.count_lines("reload .* rejected") == 2)
+    victim = worker_pids(proxy)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: proxy.count_lines(r"worker 0 started") == 2)
+
+    def ports_of_each_worker() -> list[object]:
+        views = json.loads(get(admin, "/config"))["Workers"]
+        return [view and view["Apps"][0]["Ports"] for view in views]
+
+    wait_until(lambda: ports_of_each_worker() == [accepted] * 2,
+               message="the restarted worker to serve the last accepted config")
+
+
+def test_metrics_answer_within_one_deadline_when_workers_are_stuck(
+        proxies: ProxyFactory, backend: BackendFactory) -> None:
+    (admin,) = stable_ports(1)
+    proxy, _ = proxies.start([{"Name": "a", "Ports": 1, "Targets": [backend().address]}],
+                             "--workers", "4", "--admin", f"{HOST}:{admin}")
+    wait_until(lambda: proxy.count_lines("supervising 4 workers") == 1)
+    pids = worker_pids(proxy)
+    stuck = [pids[1], pids[3]]
+    for pid in stuck:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        text = get(admin, "/metrics")
+        elapsed = time.monotonic() - started
+    finally:
+        for pid in stuck:
+            os.kill(pid, signal.SIGCONT)
+    assert elapsed < CONTROL_TIMEOUT_S + 1.5 < 2 * CONTROL_TIMEOUT_S
+    workers = {sample.labels["worker"]
+               for family in text_string_to_metric_families(text)
+               for sample in family.samples if "worker" in sample.labels}
+    assert workers == {"0", "2"}

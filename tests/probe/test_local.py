@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 
@@ -18,15 +18,39 @@ from probe.config import App
 from probe.echo import EchoServer
 from probe.framing import encode
 from probe.scenario import run_local
-from tests.support import REPO, recv_until_eof, wait_until
+from tests.support import REPO, pid_running, recv_until_eof, wait_until
 
-TIMEOUT_S = 120.0
+TIMEOUT_S = 90.0   # below pytest's own timeout, so stop_probe() gets to run
 
 
 def run_probe(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "probe", *args], cwd=str(REPO),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    argv = [sys.executable, "-m", "probe", *args]
+    probe = subprocess.Popen(argv, cwd=str(REPO), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = probe.communicate(timeout=TIMEOUT_S)
+    finally:
+        stop_probe(probe)
+    return subprocess.CompletedProcess(argv, probe.returncode, out, err)
+
+
+def stop_probe(probe: subprocess.Popen[str]) -> None:
+    """Stop a probe that is still running, and what it started.  Not with
+    SIGKILL first (subprocess.run's way on a timeout): that leaves its proxy
+    running for good.  SIGTERM makes it stop everything; only if it does not
+    exit, SIGKILL to it and then to its proxy."""
+    if probe.poll() is not None:
+        return
+    found = proxy_of(probe.pid)
+    probe.send_signal(signal.SIGTERM)
+    try:
+        probe.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        found = proxy_of(probe.pid) or found
+        probe.kill()
+        probe.communicate(timeout=10)
+    if found is not None and pid_running(found[0]):
+        os.kill(found[0], signal.SIGKILL)
 
 
 def test_make_probe_passes_on_the_shipped_config() -> None:
@@ -92,7 +116,9 @@ def test_a_proxy_that_does_not_start_is_an_error(tmp_path: Path) -> None:
 
 
 def children(pid: int) -> list[int]:
-    found = []
+    found: list[int] = []
+    if not os.path.isdir("/proc"):
+        return found
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat") as stat:
@@ -104,39 +130,59 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def proxy_of(pid: int) -> Optional[tuple[int, Path]]:
+    """The rawproxy child of ``pid`` and its config, once it runs rawproxy (a
+    child just forked still runs a copy of the probe, with the probe's argv)."""
+    for child in children(pid):
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(arg.endswith(b"rawproxy.py") for arg in cmdline) and b"--config" in cmdline:
+            return child, Path(cmdline[cmdline.index(b"--config") + 1].decode())
+    return None
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
-def test_ctrl_c_stops_everything_it_started() -> None:
-    probe = subprocess.Popen([sys.executable, "-m", "probe", "--local", "--config",
-                              str(REPO / "config.json"), "--duration", "60", "--json"],
-                             cwd=str(REPO), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_ctrl_c_stops_everything_it_started(inherited: str) -> None:
+    # "ignored": started as `probe &` from a script is (SIGINT inherited
+    # ignored); the probe used to stay deaf to it and run its 60 s.
+    argv = [sys.executable, "-m", "probe", "--local", "--config", str(REPO / "config.json"),
+            "--duration", "60", "--json"]
+    if inherited == "ignored":
+        argv = ["sh", "-c", "trap '' INT; exec \"$@\"", "sh", *argv]
+    probe = subprocess.Popen(argv, cwd=str(REPO), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proxy = None
     try:
-        wait_until(lambda: bool(children(probe.pid)), message="the proxy to start")
-        [proxy] = children(probe.pid)
-        cmdline = Path(f"/proc/{proxy}/cmdline").read_bytes().split(b"\0")
-        config_path = Path(cmdline[cmdline.index(b"--config") + 1].decode())
-        port = json.loads(config_path.read_text())["Apps"][0]["Ports"][0]
+        wait_until(lambda: proxy_of(probe.pid) is not None, timeout_s=60,
+                   message="the proxy to start")
+        found = proxy_of(probe.pid)
+        assert found is not None
+        proxy, config_path = found
 
         def serving() -> bool:
             try:
+                port = json.loads(config_path.read_text())["Apps"][0]["Ports"][0]
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                     sock.sendall(encode(1, 0, 1))
                     sock.shutdown(socket.SHUT_WR)
                     return recv_until_eof(sock) == encode(1, 0, 1)
-            except OSError:
+            except (OSError, ValueError):
                 return False
 
-        wait_until(serving, message="the proxy to serve")
+        wait_until(serving, timeout_s=60, message="the proxy to serve")
         probe.send_signal(signal.SIGINT)
         _, err = probe.communicate(timeout=30)
         assert probe.returncode == 130, err
         assert "interrupted" in err
-        assert not os.path.exists(f"/proc/{proxy}")
+        assert not pid_running(proxy)
         assert not config_path.exists()
-    finally:
-        if probe.poll() is None:
-            probe.kill()
-            probe.communicate(timeout=10)
+    finally:   # never leave anything to outlive the test
+        stop_probe(probe)
+        if proxy is not None and pid_running(proxy):
+            os.kill(proxy, signal.SIGKILL)
 
 
 def test_echo_backends_echo_until_eof_and_count() -> None:

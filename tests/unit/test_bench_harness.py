@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import loadgen, procs, workloads
+from benchmarks import loadgen, procs, syscalls, workloads
 from benchmarks.report import ROWS, Record, Summary, render_table
 
 WRK_OUTPUT = """\
@@ -92,3 +92,25 @@ def test_summary_takes_medians_ratios_and_marks_errors() -> None:
     assert summary.cell("threads", row) == "err"
     table = render_table(summary, ["churn"])
     assert "churn conn/s" in table and "6000" in table and "0.50/-" in table
+
+
+STRACE_SUMMARY = """\
+% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 30.12    0.004000           2      2000           epoll_ctl
+ 20.00    0.002000           1      4000      2000 accept4
+ 10.00    0.001000           0      8000           clock_gettime
+  0.50    0.000100           0       100           close
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.007100           0     14100      2000 total
+"""
+
+
+def test_strace_summary_gives_calls_per_connection_without_clock_reads() -> None:
+    counts = syscalls.parse_strace_summary(STRACE_SUMMARY)
+    assert counts == {"epoll_ctl": 2000, "accept4": 4000, "clock_gettime": 8000, "close": 100}
+    per = syscalls.per_connection(counts, 2000)
+    assert per["accept4"] == 2.0 and per["clock_gettime"] == 4.0
+    assert per["total"] == (2000 + 4000 + 100) / 2000
+    table = syscalls.render({"rawproxy": per})
+    assert "total (no clock reads)" in table and "clock_gettime (clock)" in table

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from rawproxy.config import (
     DEFAULT_CONNECT_TIMEOUT_S,
+    MAX_NAMES,
     App,
     Config,
     ConfigError,
@@ -172,6 +173,15 @@ def test_health_check_timeout_default(fields: dict[str, Any], timeout_s: float) 
     assert check is not None and check.timeout_s == timeout_s
 
 
+def test_health_check_floor_is_accepted_and_the_default_timeout_respects_it() -> None:
+    at_floor = parse(one_app(HealthCheck={"Interval": 0.1, "Timeout": 0.1})).apps[0]
+    assert at_floor.health_check == HealthCheck(interval_s=0.1, timeout_s=0.1)
+    # min(Interval, ConnectTimeout) would be 0.01 s: raised to the floor.
+    fast_connect = parse(one_app(ConnectTimeout=0.01, HealthCheck={"Interval": 1})).apps[0]
+    assert fast_connect.health_check == HealthCheck(interval_s=1.0, timeout_s=0.1)
+    assert fast_connect.connect_timeout_s == 0.01
+
+
 def test_text_bytes_and_bom_agree() -> None:
     text = json.dumps(one_app())
     expected = parse(text)
@@ -198,7 +208,8 @@ THREE_APPS_BAD_PORT = {"Apps": [
 ]}
 
 APP_KEYS = ("Name, Ports, Targets, ConnectTimeout, IdleTimeout, MaxConnections, "
-            "ProxyProtocol, HealthCheck, AllowFrom")
+            "ProxyProtocol, HealthCheck, AllowFrom, PerClient, Concurrency, QueueTimeout, "
+            "Balance")
 
 BAD_CONFIGS: list[tuple[str, object, str]] = [
     ("spec-example", THREE_APPS_BAD_PORT,
@@ -276,6 +287,25 @@ BAD_CONFIGS: list[tuple[str, object, str]] = [
     ("maxconn-zero", one_app(MaxConnections=0),
      'Apps[0] "a" MaxConnections: 0 is not a connection limit (an integer >= 1)'),
     ("maxconn-float", one_app(MaxConnections=10.0), "MaxConnections: 10.0 is not a connection limit"),
+    ("concurrency-number", one_app(Concurrency=5),
+     'Apps[0] "a" Concurrency: must be an object like {"SoftLimit": S, "HardLimit": H}, not 5'),
+    ("concurrency-missing-hard", one_app(Concurrency={"SoftLimit": 2}),
+     'Apps[0] "a" Concurrency: missing required key "HardLimit"'),
+    ("concurrency-unknown", one_app(Concurrency={"HardLimit": 2, "Soft": 1}),
+     'Apps[0] "a" Concurrency: unknown key "Soft" (allowed: SoftLimit, HardLimit)'),
+    ("concurrency-zero", one_app(Concurrency={"HardLimit": 0}),
+     'Apps[0] "a" Concurrency HardLimit: 0 is not a connection limit (an integer >= 1)'),
+    ("concurrency-bool", one_app(Concurrency={"SoftLimit": True, "HardLimit": 2}),
+     'Concurrency SoftLimit: true is not a connection limit'),
+    ("concurrency-soft-above-hard", one_app(Concurrency={"SoftLimit": 5, "HardLimit": 3}),
+     'Apps[0] "a" Concurrency SoftLimit: 5 is above the hard limit 3 (1 <= soft <= hard)'),
+    ("queue-timeout-zero", one_app(QueueTimeout=0),
+     'Apps[0] "a" QueueTimeout: 0 is not a duration (seconds, a number > 0'),
+    ("queue-timeout-string", one_app(QueueTimeout="5s"), 'QueueTimeout: "5s" is not a duration'),
+    ("balance-unknown", one_app(Balance="round-robin"),
+     'Apps[0] "a" Balance: "round-robin" is not a balance policy '
+     '("random" or "least-connections")'),
+    ("balance-number", one_app(Balance=2), "Balance: 2 is not a balance policy"),
     ("proxy-v3", one_app(ProxyProtocol="v3"),
      'Apps[0] "a" ProxyProtocol: "v3" is not a PROXY protocol version ("v1" or "v2")'),
     ("proxy-number", one_app(ProxyProtocol=1), "ProxyProtocol: 1 is not a PROXY protocol version"),
@@ -287,6 +317,15 @@ BAD_CONFIGS: list[tuple[str, object, str]] = [
      'Apps[0] "a" HealthCheck: missing required key "Interval"'),
     ("health-interval", one_app(HealthCheck={"Interval": 0}), "HealthCheck Interval: 0 is not a duration"),
     ("health-timeout", one_app(HealthCheck={"Interval": 1, "Timeout": -2}), "HealthCheck Timeout: -2 is not a duration"),
+    # Issue #18 (12): a floor, so that a tiny interval cannot spin the loop.
+    ("health-interval-tiny", one_app(HealthCheck={"Interval": 1e-6}),
+     'Apps[0] "a" HealthCheck Interval: 1e-06 is not a duration '
+     "(seconds, a number >= 0.1 and at most 604800)"),
+    ("health-interval-below", one_app(HealthCheck={"Interval": 0.099}),
+     "HealthCheck Interval: 0.099 is not a duration (seconds, a number >= 0.1 and"),
+    ("health-timeout-tiny", one_app(HealthCheck={"Interval": 1, "Timeout": 0.001}),
+     'Apps[0] "a" HealthCheck Timeout: 0.001 is not a duration '
+     "(seconds, a number >= 0.1 and at most 604800)"),
     ("allow-empty", one_app(AllowFrom=[]),
      'AllowFrom: must be a non-empty list of CIDR networks (omit it to allow every client), not an empty list'),
     ("allow-string", one_app(AllowFrom="10.0.0.0/8"), 'AllowFrom: must be a non-empty list of CIDR networks'),
@@ -326,11 +365,18 @@ def test_spec_example_message_exactly() -> None:
         'config.json: Apps[1] "six-thousand" Ports[2]: 70000 is not a port (1-65535)')
 
 
+def test_at_most_as_many_apps_and_targets_as_the_shared_counters_hold() -> None:
+    targets = [f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:80" for i in range(MAX_NAMES)]
+    assert error_of(one_app(Targets=targets)) == (
+        f"config.json: Apps: more than {MAX_NAMES} apps and targets together")
+    assert len(parse(one_app(Targets=targets[:-1])).apps[0].targets) == MAX_NAMES - 1
+
+
 def test_unknown_key_lists_allowed_exactly() -> None:
     assert error_of(one_app(Target=["h:1"])) == (
         'config.json: Apps[0] "a": unknown key "Target" (allowed: Name, Ports, '
         "Targets, ConnectTimeout, IdleTimeout, MaxConnections, ProxyProtocol, "
-        "HealthCheck, AllowFrom)")
+        "HealthCheck, AllowFrom, PerClient, Concurrency, QueueTimeout, Balance)")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -397,7 +443,9 @@ def test_summary_shows_non_defaults_and_singulars() -> None:
     config = parse(one_app(
         Targets=[{"Address": "[::1]:80", "Weight": 5}], ConnectTimeout=0.5,
         IdleTimeout=60, MaxConnections=10, ProxyProtocol="v1",
-        HealthCheck={"Interval": 2}, AllowFrom=["10.0.0.0/8", "::1"]))
+        HealthCheck={"Interval": 2}, AllowFrom=["10.0.0.0/8", "::1"],
+        Concurrency={"SoftLimit": 2, "HardLimit": 3}, QueueTimeout=0.5,
+        Balance="least-connections"))
     assert format_summary(config).splitlines() == [
         'app "a": ports 5001',
         "  target [::1]:80 weight 5",
@@ -407,6 +455,9 @@ def test_summary_shows_non_defaults_and_singulars() -> None:
         "  proxy protocol v1",
         "  health check every 2s, timeout 0.5s",
         "  allow from 10.0.0.0/8, ::1/128",
+        "  concurrency soft 2, hard 3 per target",
+        "  queue timeout 0.5s",
+        "  balance least-connections",
         "config.json: OK, 1 app, 1 port, 1 target",
     ]
 
@@ -423,7 +474,8 @@ JSON_VALUES = st.recursive(
 APP_KEY_NAMES = st.sampled_from(
     ["Name", "Ports", "Targets", "ConnectTimeout", "IdleTimeout", "MaxConnections",
      "ProxyProtocol", "HealthCheck", "AllowFrom", "Address", "Weight", "Interval",
-     "Timeout", "Apps", "Target"])
+     "Timeout", "Apps", "Target", "PerClient", "Rate", "Concurrency", "SoftLimit",
+     "HardLimit", "QueueTimeout", "Balance"])
 
 
 def assert_config_or_error(text: Union[str, bytes]) -> None:

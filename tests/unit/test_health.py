@@ -8,6 +8,7 @@ with ``run_once`` until a condition holds, with a deadline; nothing sleeps.
 
 from __future__ import annotations
 
+import errno
 import json
 import random
 import socket
@@ -26,15 +27,17 @@ HOST = "127.0.0.1"
 DEADLINE_S = 5.0
 
 
-def drive(loop: EventLoop, condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+def drive(loop: EventLoop, condition: Callable[[], bool], what: str,
+          deadline_s: float = DEADLINE_S) -> None:
+    """Turn the loop until ``condition()`` holds, or fail after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {DEADLINE_S}s waiting for {what}")
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {what}")
         loop.run_once(max_wait_s=0.01)
 
 
-def make_config(ports: list[int], interval_s: float = 0.02, timeout_s: float = 2.0) -> Config:
+def make_config(ports: list[int], interval_s: float = 0.1, timeout_s: float = 2.0) -> Config:
     document = {"Apps": [{
         "Name": "web", "Ports": [5001],
         "Targets": [f"{HOST}:{port}" for port in ports],
@@ -109,7 +112,7 @@ def test_listening_target_is_marked_up_and_closed_port_down(
           and balancer.health(down).check_failed, "both verdicts")
     assert balancer.health(down).last_failure == "refused"
     assert balancer.health(down).is_down(loop.now + 3600)
-    assert balancer.choose(loop.now) == up
+    assert balancer.acquire(loop.now) == up
 
 
 def test_checks_repeat_every_interval(
@@ -210,3 +213,28 @@ def test_stop_closes_checks_in_flight(
     assert loop.watched_count == before  # sockets unwatched (and closed)
     loop.run_once(max_wait_s=0)
     assert balancer.health(target).check_failed  # an abandoned check gives no verdict
+
+
+def test_a_shortage_of_our_own_gives_no_verdict(loop: EventLoop, sockets: Sockets) -> None:
+    """No descriptor for the lookup (#18 defect 13): the target is not marked down."""
+    lookups: list[str] = []
+
+    def no_descriptors(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        lookups.append(host)
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    resolver = Resolver(loop.call_soon_threadsafe, getaddrinfo=no_descriptors)
+    health_checks = HealthChecks(loop, resolver)
+    document = {"Apps": [{"Name": "web", "Ports": [5001],
+                          "Targets": [f"svc.test:{port_of(sockets.listening())}"],
+                          "HealthCheck": {"Interval": 0.1, "Timeout": 2.0}}]}
+    router = Router(parse_config(json.dumps(document), "test.json"), random.Random(1))
+    try:
+        health_checks.start(router)
+        first = health_checks._checks[0]
+        # Done well within its Timeout, and asked again next round (not cached).
+        drive(loop, lambda: first.done and len(lookups) >= 2, "two rounds of lookups")
+    finally:
+        health_checks.stop()
+        resolver.close()
+    assert not router.routes["web"].balancer.healths()[0].check_failed

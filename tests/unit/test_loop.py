@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from rawproxy.loop import (_COMPACT_MIN_CANCELLED, EVENT_ERROR, EVENT_READ, EVENT_WRITE,
-                           EventLoop)
+                           MAX_SELECT_WAIT_S, EventLoop)
 
 WAIT_S = 10.0
 
@@ -257,6 +257,38 @@ def test_interest_changes_touch_the_selector_only_on_change(
         loop.set_interest(fd, EVENT_READ)
         loop.run_once(max_wait_s=0)
         assert events == [EVENT_READ]
+    finally:
+        loop.close()
+
+
+class NonBlockingSelector(selectors.DefaultSelector):
+    """Records the timeout the loop asks for and polls without waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: list[Optional[float]] = []
+
+    def select(self, timeout: Optional[float] = None) -> list[tuple[selectors.SelectorKey, int]]:
+        self.timeouts.append(timeout)
+        return super().select(0)
+
+
+def test_a_timer_weeks_away_does_not_overflow_the_select_timeout(clock: FakeClock) -> None:
+    # Issue #18: epoll takes an int of milliseconds; 1e9 s overflowed it.
+    selector = NonBlockingSelector()
+    loop = EventLoop(clock=clock, selector=selector)
+    try:
+        fired: list[int] = []
+        loop.call_later(1e9, lambda: fired.append(1))
+        loop.run_once()
+        assert selector.timeouts == [MAX_SELECT_WAIT_S]
+        assert MAX_SELECT_WAIT_S * 1000 < 2 ** 31 - 1
+        clock.now += MAX_SELECT_WAIT_S
+        loop.run_once()
+        assert fired == [], "a spare wake-up, not an early timer"
+        clock.now += 1e9
+        loop.run_once()
+        assert fired == [1]
     finally:
         loop.close()
 

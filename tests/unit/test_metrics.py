@@ -15,8 +15,8 @@ import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from rawproxy.metrics import CONTENT_TYPE, Snapshot, TargetView, render
-from rawproxy.stats import CONNECT_LATENCY_BUCKETS_S, Histogram, Stats
+from rawproxy.metrics import CONTENT_TYPE, FAMILIES, Snapshot, TargetView, render
+from rawproxy.stats import CONNECT_LATENCY_BUCKETS_S, AppStats, Histogram, Stats
 
 SampleKey = Tuple[str, FrozenSet[Tuple[str, str]]]
 
@@ -48,6 +48,7 @@ def build_stats() -> Stats:
     web = stats.app("web")
     web.accepted = 10
     web.denied = 2
+    web.client_limited = 5
     for end in ("client", "client", "target", "idle"):
         web.ended(end)
     web.bytes_in = 1_000
@@ -93,6 +94,7 @@ def test_every_family_has_the_right_type(families: Dict[str, Metric]) -> None:
     assert {name: family.type for name, family in families.items()} == {
         "rawproxy_connections_accepted": "counter",
         "rawproxy_connections_denied": "counter",
+        "rawproxy_connections_client_limited": "counter",
         "rawproxy_connections_closed": "counter",
         "rawproxy_connections_active": "gauge",
         "rawproxy_bytes_in": "counter",
@@ -102,8 +104,14 @@ def test_every_family_has_the_right_type(families: Dict[str, Metric]) -> None:
         "rawproxy_connect_failures": "counter",
         "rawproxy_connect_duration_seconds": "histogram",
         "rawproxy_target_up": "gauge",
+        "rawproxy_target_connections_active": "gauge",
+        "rawproxy_queue_length": "gauge",
+        "rawproxy_queue_wait_seconds": "histogram",
         "rawproxy_config_reloads": "counter",
         "rawproxy_config_last_reload_successful": "gauge",
+        "rawproxy_config_revision": "gauge",  # the --etcd families: no sample without it
+        "rawproxy_etcd_connected": "gauge",
+        "rawproxy_etcd_watch_restarts": "counter",
         "rawproxy_draining": "gauge",
         "rawproxy_log_lines_dropped": "counter",
         "rawproxy_process_start_time_seconds": "gauge",
@@ -123,6 +131,8 @@ def test_per_app_counters(families: Dict[str, Metric]) -> None:
     expected = {
         "rawproxy_connections_accepted": ("rawproxy_connections_accepted_total", 10, 0),
         "rawproxy_connections_denied": ("rawproxy_connections_denied_total", 2, 0),
+        "rawproxy_connections_client_limited": (
+            "rawproxy_connections_client_limited_total", 5, 0),
         "rawproxy_connections_closed": ("rawproxy_connections_closed_total", 4, 0),
         "rawproxy_connections_active": ("rawproxy_connections_active", 3, 0),
     }
@@ -197,9 +207,33 @@ def test_flags_flip_with_state() -> None:
 
 def test_no_apps_still_renders_every_family() -> None:
     found = parse(render(Snapshot(Stats(start_time=0.0), {}, {}, {}, {}, False)))
-    assert len(found) == 16
+    assert len(found) == len(FAMILIES)
     assert samples(found["rawproxy_connections_accepted"]) == {}
     assert samples(found["rawproxy_draining"]) == {key("rawproxy_draining"): 0}
+
+
+def test_every_counter_field_of_app_stats_is_exported() -> None:
+    # A per-app counter is a field of AppStats plus one row of FAMILIES: a
+    # field without its row fails here.
+    stats = Stats(start_time=0.0)
+    app = stats.app("x")
+    fields = [name for name in AppStats.__slots__ if isinstance(getattr(app, name), int)]
+    assert {"accepted", "denied", "closed", "bytes_in", "bytes_out"} <= set(fields)
+    for index, name in enumerate(fields):
+        setattr(app, name, 1_000_003 + index)
+    exported = {
+        sample.value for family in parse(render(Snapshot(stats, {}, {}, {}, {}, False))).values()
+        for sample in family.samples if sample.labels == {"app": "x"}}
+    missing = [name for name in fields if getattr(app, name) not in exported]
+    assert missing == []
+
+
+def test_const_labels_come_first_on_every_sample() -> None:
+    text = render(build_snapshot(build_stats()), (("worker", "3"),))
+    sample_lines = [line for line in text.split("\n") if line and not line.startswith("#")]
+    assert sample_lines and all(line.split(" ")[0].split("{", 1)[1].startswith('worker="3"')
+                                for line in sample_lines)
+    assert len(parse(text)) == len(FAMILIES)
 
 
 # -- the histogram -------------------------------------------------------------------

@@ -8,8 +8,11 @@ bound but not listening, so no other test can take it meanwhile.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
+import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -243,3 +246,25 @@ def test_abort_of_a_closed_socket_is_harmless() -> None:
     sock = socket.socket()
     sock.close()
     netio.abort(sock)
+
+
+def test_a_connecting_socket_is_non_blocking(listener: socket.socket) -> None:
+    sock = netio.start_connect(socket.AF_INET, listener.getsockname())
+    with sock:
+        assert sock.gettimeout() == 0.0 and os.get_blocking(sock.fileno()) is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux copies the option")
+def test_a_listener_hands_tcp_nodelay_to_what_it_accepts(listener: socket.socket) -> None:
+    assert netio.nodelay_for_accepted(listener) is True
+    with socket.create_connection(listener.getsockname(), timeout=TIMEOUT_S):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_a_unix_listener_hands_nothing(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(tmp_path / "s"))
+        sock.listen(1)
+        assert netio.nodelay_for_accepted(sock) is False  # each would need its own (none)

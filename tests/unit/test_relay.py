@@ -233,6 +233,7 @@ def test_random_interleavings_are_bounded_and_in_order(
             delivered[name] += send(flow, size)
         assert len(flow.buffer) <= capacity
         assert relay.bytes_buffered() <= 2 * capacity
+        assert relay.masks() == (relay.client_mask(), relay.target_mask())
         assert flow.wants_read() == (not flow.src_eof and len(flow.buffer) < capacity)
         if flow.should_shutdown_write():
             flow.on_shutdown_write()
@@ -266,3 +267,15 @@ def test_byte_at_a_time_pump_delivers_everything(capacity: int) -> None:
         if relay.target_mask() & WANT_WRITE:
             out += send(relay.upstream, 1)
     assert bytes(out) == data
+
+
+def test_the_last_direction_to_end_is_known() -> None:
+    # The session closes the pair then, and close's FIN stands in for a
+    # shutdown: one shutdown per connection, not two.
+    relay = Relay(BufferPool(4))
+    receive_fin(relay.upstream)
+    assert not relay.is_last_to_end(relay.upstream), "the target may still answer"
+    relay.upstream.on_shutdown_write()
+    receive_fin(relay.downstream)
+    assert relay.is_last_to_end(relay.downstream)
+    assert not relay.is_last_to_end(relay.upstream)

@@ -19,9 +19,10 @@ import pytest
 
 from rawproxy import reloader
 from rawproxy.config import Config, ConfigError, FileConfigSource
+from rawproxy.listeners import BindError
 from rawproxy.loop import EventLoop
 from rawproxy.reloader import Reloader, file_identity
-from rawproxy.server import BindError, Server
+from rawproxy.server import Server
 from rawproxy.stats import Stats
 
 

@@ -8,6 +8,7 @@ workers are real threads, so the tests wait on a condition with a timeout.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -322,3 +323,83 @@ def test_workers_start_once(resolver: Resolver, post: FakePost) -> None:
     assert threads
     resolve_later(resolver, post, "other.test")
     assert resolver._threads == threads
+
+
+# -- failures of our own (#18 defects 9 and 13) ------------------------------------
+
+
+class FailingOnce:
+    """A thread factory whose first thread cannot start (a thread limit)."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> threading.Thread:
+        thread = threading.Thread(*args, **kwargs)
+        if self.failures == 0:
+            self.failures += 1
+
+            def refuse() -> None:
+                raise RuntimeError("can't start new thread")
+            thread.start = refuse  # type: ignore[method-assign]
+        return thread
+
+
+def test_a_thread_that_cannot_start_does_not_wedge_the_name(
+        gai: FakeGetAddrInfo, post: FakePost, clock: FakeClock,
+        caplog: pytest.LogCaptureFixture) -> None:
+    factory = FailingOnce()
+    resolver = Resolver(post, gai, clock, workers=1, thread_factory=factory)
+    try:
+        with caplog.at_level(logging.WARNING, logger="rawproxy.resolver"):
+            failed = resolver.resolve("backend.test", 80, Collector())
+        assert failed is not None and failed.local and failed.addresses == ()
+        assert "resolver thread" in failed.error
+        assert any("can't start new thread" in r.getMessage() for r in caplog.records)
+        # Not cached, nothing left waiting: the next client's lookup goes through.
+        answer = resolve_later(resolver, post, "backend.test")
+        assert answer.addresses == ((socket.AF_INET, ("192.0.2.10", 80)),)
+        assert factory.failures == 1
+    finally:
+        threads = list(resolver._threads)
+        resolver.close()
+        for thread in threads:
+            thread.join(WAIT_S)
+
+
+@pytest.mark.parametrize("answer", [
+    OSError(errno.EMFILE, "Too many open files"),   # EAI_SYSTEM, as Python raises it
+    OSError(errno.ENOBUFS, "No buffer space available"),
+    socket.gaierror(socket.EAI_MEMORY, "Memory allocation failure"),
+    MemoryError(),
+])
+def test_our_own_shortage_is_answered_as_local_and_not_cached(
+        resolver: Resolver, gai: FakeGetAddrInfo, post: FakePost,
+        answer: BaseException) -> None:
+    gai.answers["short.test"] = answer
+    failure = resolve_later(resolver, post, "short.test")
+    assert failure.local and failure.error.startswith("cannot resolve short.test")
+    gai.answers["short.test"] = [info(socket.AF_INET, ("192.0.2.40", 80))]
+    fixed = resolve_later(resolver, post, "short.test")  # asked again at once
+    assert fixed.addresses == ((socket.AF_INET, ("192.0.2.40", 80)),)
+
+
+@pytest.mark.parametrize("answer", [
+    socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+    socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+])
+def test_a_failing_name_is_the_names_fault(resolver: Resolver, gai: FakeGetAddrInfo,
+                                           post: FakePost, answer: BaseException) -> None:
+    gai.answers["bad.test"] = answer
+    assert not resolve_later(resolver, post, "bad.test").local
+
+
+def test_an_unexpected_lookup_error_still_answers(
+        resolver: Resolver, gai: FakeGetAddrInfo, post: FakePost,
+        caplog: pytest.LogCaptureFixture) -> None:
+    gai.answers["odd.test"] = ValueError("a bug in a getaddrinfo replacement")
+    with caplog.at_level(logging.ERROR, logger="rawproxy.resolver"):
+        failure = resolve_later(resolver, post, "odd.test")
+    assert failure.error and failure.addresses == ()
+    assert any("odd.test" in r.getMessage() for r in caplog.records)
+    assert resolve_later(resolver, post, "backend.test").error == ""  # the worker lives on

@@ -31,8 +31,8 @@ def make_balancer(targets: list[Any], seed: int = 1,
 def pick_counts(balancer: Balancer, picks: int, now: float = 0.0) -> Counter[Target]:
     counts: Counter[Target] = Counter()
     for _ in range(picks):
-        target = balancer.choose(now)
-        assert target is not None
+        target = balancer.acquire(now)
+        assert isinstance(target, Target)
         counts[target] += 1
     return counts
 
@@ -62,12 +62,11 @@ def test_weights_three_to_one(seed: int) -> None:
 def test_single_target_is_always_chosen() -> None:
     balancer = make_balancer(["192.0.2.1:80"])
     (only,) = balancer.targets
-    assert all(balancer.choose(0.0) == only for _ in range(10))
+    assert all(balancer.acquire(0.0) == only for _ in range(10))
 
 
-def test_a_balancer_needs_targets() -> None:
-    with pytest.raises(ValueError):
-        Balancer([], random.Random(1))
+def test_a_balancer_without_targets_chooses_none() -> None:
+    assert Balancer([], random.Random(1)).acquire(0.0) is None
 
 
 # -- tried / failover -----------------------------------------------------------
@@ -76,8 +75,8 @@ def test_tried_targets_are_excluded() -> None:
     balancer = make_balancer(["192.0.2.1:80", "192.0.2.2:80", "192.0.2.3:80"])
     first, second, third = balancer.targets
     for _ in range(200):
-        assert balancer.choose(0.0, tried=[first, third]) == second
-    assert balancer.choose(0.0, tried={first, second, third}) is None
+        assert balancer.acquire(0.0, tried=[first, third]) == second
+    assert balancer.acquire(0.0, tried={first, second, third}) is None
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -88,10 +87,10 @@ def test_failover_order_covers_every_target_once(seed: int) -> None:
         seed)
     tried: list[Target] = []
     while True:
-        target = balancer.choose(0.0, tried)
+        target = balancer.acquire(0.0, tried)
         if target is None:
             break
-        assert target not in tried
+        assert isinstance(target, Target) and target not in tried
         tried.append(target)
     assert sorted(tried, key=str) == sorted(balancer.targets, key=str)
 
@@ -154,11 +153,11 @@ def test_down_targets_are_used_when_every_untried_one_is_down() -> None:
     for target in (first, second):
         balancer.record_failure(target, 0.0, "refused")
     # One untried target is up: only it is chosen.
-    assert {balancer.choose(0.5) for _ in range(100)} == {third}
+    assert {balancer.acquire(0.5) for _ in range(100)} == {third}
     # The up one was tried: the down ones are tried anyway, not refused.
-    assert {balancer.choose(0.5, tried=[third]) for _ in range(200)} == {first, second}
-    assert balancer.choose(0.5, tried=[third, first]) == second
-    assert balancer.choose(0.5, tried=[third, first, second]) is None
+    assert {balancer.acquire(0.5, tried=[third]) for _ in range(200)} == {first, second}
+    assert balancer.acquire(0.5, tried=[third, first]) == second
+    assert balancer.acquire(0.5, tried=[third, first, second]) is None
 
 
 def test_failure_for_a_target_removed_by_reload_is_harmless() -> None:

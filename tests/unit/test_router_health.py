@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Any
+from typing import Any, Optional
 
 from rawproxy.config import Config, Target, parse_config
 from rawproxy.router import Backoff, Balancer, Router
 from rawproxy.stats import Stats
 
 A, B, C, D = "192.0.2.1:80", "192.0.2.2:80", "192.0.2.3:80", "192.0.2.4:80"
+CHECK: dict[str, float] = {"Interval": 5}
 
 
-def make_config(apps: dict[str, list[Any]]) -> Config:
-    document = {"Apps": [{"Name": name, "Ports": [5001 + index], "Targets": targets}
-                         for index, (name, targets) in enumerate(apps.items())]}
+def make_config(apps: dict[str, list[Any]],
+                check: Optional[dict[str, float]] = CHECK) -> Config:
+    """Apps with active checks unless ``check`` is None."""
+    document: dict[str, Any] = {"Apps": [
+        {"Name": name, "Ports": [5001 + index], "Targets": targets}
+        for index, (name, targets) in enumerate(apps.items())]}
+    if check is not None:
+        for app in document["Apps"]:
+            app["HealthCheck"] = check
     return parse_config(json.dumps(document), "test.json")
 
 
-def make_balancer(targets: list[Any], seed: int = 7) -> Balancer:
+def make_balancer(targets: list[Any], seed: int = 7, active_checks: bool = True) -> Balancer:
     app = make_config({"app": targets}).apps[0]
-    return Balancer(app.targets, random.Random(seed), Backoff(base_s=1.0, max_s=30.0))
+    return Balancer(app.targets, random.Random(seed), Backoff(base_s=1.0, max_s=30.0),
+                    active_checks=active_checks)
 
 
 def by_address(balancer: Balancer) -> dict[str, Target]:
@@ -37,8 +45,8 @@ def by_address(balancer: Balancer) -> dict[str, Target]:
 def chosen(balancer: Balancer, now: float, picks: int = 200) -> set[Target]:
     out = set()
     for _ in range(picks):
-        target = balancer.choose(now)
-        assert target is not None
+        target = balancer.acquire(now)
+        assert isinstance(target, Target)
         out.add(target)
     return out
 
@@ -119,7 +127,7 @@ def test_when_every_target_failed_its_check_they_are_tried_anyway() -> None:
     balancer.record_check(a, False, "refused")
     balancer.record_check(b, False, "refused")
     assert chosen(balancer, 0.0) == {a, b}
-    assert balancer.choose(0.0, tried=[a]) == b
+    assert balancer.acquire(0.0, tried=[a]) == b
 
 
 def test_a_check_for_a_target_the_balancer_does_not_have_is_ignored() -> None:
@@ -216,6 +224,55 @@ def test_health_survives_two_reloads() -> None:
     assert not last.health(by_address(last)[C]).check_failed
     last.record_check(by_address(last)[A], True)
     assert not any(h.is_down(0.0) for h in last.healths())
+
+
+def test_a_reload_that_removes_the_health_check_lifts_its_verdicts() -> None:
+    # Issue #18 (4): with no HealthCheck nothing checks any more, so an
+    # adopted check failure would hold the target down for ever.
+    rng = random.Random(2)
+    first = Router(make_config({"web": [A, B]}), rng)
+    web = first.routes["web"].balancer
+    old = by_address(web)
+    web.record_check(old[A], False, "refused")
+    web.record_check(old[B], False, "timeout")
+    web.record_failure(old[B], 100.0, "reset")
+    second = Router(make_config({"web": [A, B]}, check=None), rng, previous=first)
+    web2 = second.routes["web"].balancer
+    new = by_address(web2)
+    assert not any(h.check_failed for h in web2.healths())
+    assert not web2.health(new[A]).is_down(0.0)
+    # Passive health is not the check's: B's back-off is carried over.
+    health_b = web2.health(new[B])
+    assert health_b.is_down(100.5) and not health_b.is_down(101.0)
+    assert health_b.consecutive_failures == 1
+    assert chosen(web2, 101.0) == {new[A], new[B]}
+    # A check that was in flight during the reload lands nowhere.
+    web2.record_check(new[A], False, "refused")
+    assert not web2.health(new[A]).is_down(0.0)
+    # The old router's verdicts are its own.
+    assert web.health(old[A]).check_failed
+
+
+def test_a_reload_that_keeps_the_health_check_keeps_its_verdicts() -> None:
+    rng = random.Random(2)
+    first = Router(make_config({"web": [A, B]}), rng)
+    web = first.routes["web"].balancer
+    web.record_check(by_address(web)[A], False, "refused")
+    second = Router(make_config({"web": [A, B]}, check={"Interval": 1, "Timeout": 0.5}),
+                    rng, previous=first)
+    web2 = second.routes["web"].balancer
+    assert web2.health(by_address(web2)[A]).check_failed
+
+
+def test_a_balancer_without_active_checks_ignores_and_drops_check_verdicts() -> None:
+    checked = make_balancer([A, B])
+    checked.record_check(checked.targets[0], False, "refused")
+    unchecked = make_balancer([A, B], active_checks=False)
+    unchecked.adopt(checked)
+    assert not any(h.check_failed for h in unchecked.healths())
+    assert unchecked.health(unchecked.targets[0]).last_failure == "refused"
+    unchecked.record_check(unchecked.targets[1], False, "timeout")
+    assert not any(h.is_down(0.0) for h in unchecked.healths())
 
 
 def test_router_without_previous_starts_every_target_up() -> None:

@@ -1,0 +1,190 @@
+"""One connect to one target: resolve its name, try each address, within a budget.
+
+Sessions (with failover across targets on top) and active health checks
+both connect through a :class:`Connector`, so "connected" and "failed, and
+why" mean the same everywhere::
+
+    start -> RESOLVING -> CONNECTING address 1 [-> address 2 ...] -> done
+                    \\-> done (name did not resolve, budget spent, our shortage)
+
+It reports once, through a callback, and never after :meth:`cancel`:
+
+* ``on_connected(sock)``: the socket is connected and now the caller's
+  (non-blocking, and unwatched; or, with ``keep_watched``, still watched
+  with write interest, for the caller to take over with
+  ``loop.replace_handler`` and its own mask: one interest change instead
+  of a deregistration and a registration);
+* ``on_failed(reason, detail)``: ``reason`` is a connect reason from
+  :mod:`~rawproxy.outcomes` (``DNS``, ``TIMEOUT``, ``REFUSED``, ...) or an
+  errno name, ``detail`` the text for logs; or ``reason`` is
+  ``outcomes.NO_RESOURCES`` when the shortage is ours (no descriptor, no
+  memory, no resolver thread): then the target did nothing wrong and the
+  caller must not charge it.
+
+The connect's result comes from its first event where the loop's events
+are exact (epoll: write readiness alone means connected, as TCP is not
+writable before the handshake, and an error or hang-up comes with more
+bits); anything else, or another poller, asks the socket (``SO_ERROR``
+and the peer name, :func:`~rawproxy.netio.finish_connect`).
+
+Time: the whole attempt, resolution included, has ``budget_s``
+(``ConnectTimeout`` for a session, the check's ``Timeout``).  Each address
+gets its own share of what is left, so a first address that drops SYNs
+cannot spend the whole budget while a working second one waits (see
+:func:`address_share`).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Callable, Optional
+
+from . import netio, outcomes
+from .loop import EVENT_WRITE, EventLoop, Timer
+from .resolver import Address, Resolution, Resolver
+
+OnConnected = Callable[[socket.socket], None]
+OnFailed = Callable[[str, str], None]
+
+# The least time one address is given, budget allowing: a share shorter
+# than a slow network's handshake would turn slow addresses into failed
+# ones without helping the next.
+ADDRESS_FLOOR_S = 0.25
+
+
+def address_share(remaining_s: float, addresses_left: int) -> float:
+    """How long the next address may take, ``addresses_left`` counting it.
+
+    An equal split of what is left: a name with one address keeps the
+    whole budget (as before), the last address gets all that remains, and
+    time an address did not need (it failed fast) goes to the ones after
+    it.  Happy-eyeballs-style racing (RFC 8305) would not abandon a slow
+    first address, but it opens extra connections to the backend per
+    client; a sequential split keeps one connect in flight per session.
+    The floor keeps shares usable when a name has many addresses; the
+    addresses it leaves no time for are not tried.
+    """
+    if remaining_s <= 0.0:
+        return 0.0
+    share = remaining_s / max(1, addresses_left)
+    return min(remaining_s, max(share, ADDRESS_FLOOR_S))
+
+
+class Connector:
+    """Resolve, then connect to each address in turn until one answers."""
+
+    __slots__ = ("_loop", "_resolver", "host", "port", "_on_connected", "_on_failed",
+                 "_deadline", "_addresses", "_sock", "_fd", "_timer", "_reason", "started_at",
+                 "done", "_keep_watched")
+
+    def __init__(self, loop: EventLoop, resolver: Resolver, host: str, port: int,
+                 budget_s: float, on_connected: OnConnected, on_failed: OnFailed,
+                 keep_watched: bool = False) -> None:
+        self._loop = loop
+        self._keep_watched = keep_watched
+        self._resolver = resolver
+        self.host = host
+        self.port = port
+        self._on_connected = on_connected
+        self._on_failed = on_failed
+        self.started_at = loop.time()
+        self._deadline = self.started_at + budget_s
+        self._addresses: list[Address] = []
+        self._sock: Optional[socket.socket] = None
+        self._fd = -1
+        self._timer: Optional[Timer] = None
+        self._reason = outcomes.NO_ADDRESS  # the latest address's failure
+        self.done = False
+
+    def start(self) -> None:
+        resolution = self._resolver.resolve(self.host, self.port, self._on_resolved)
+        if resolution is not None:
+            self._on_resolved(resolution)  # a literal or a cached name: no timer yet
+        elif not self.done:
+            self._timer = self._loop.call_later(self._deadline - self.started_at,
+                                                self._on_timeout)
+
+    def cancel(self) -> None:
+        """Give up without a report, closing any socket in progress."""
+        self._stop()
+
+    def _on_resolved(self, resolution: Resolution) -> None:
+        if self.done:
+            return  # the budget ran out first, or the caller cancelled
+        if resolution.error:
+            self._fail(outcomes.NO_RESOURCES if resolution.local else outcomes.DNS,
+                       resolution.error)
+            return
+        self._addresses = list(resolution.addresses)
+        self._connect_next()
+
+    def _connect_next(self) -> None:
+        try:
+            sock, self._reason = netio.connect_next(self._addresses, self._reason)
+        except netio.LocalResourceError as exc:
+            self._fail(outcomes.NO_RESOURCES, str(exc))
+            return
+        if sock is None:
+            self._fail(self._reason, "")
+            return
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._loop.watch(self._fd, self._on_writable)
+        self._loop.set_interest(self._fd, EVENT_WRITE)
+        if self._timer is not None:
+            self._timer.cancel()
+        now = self._loop.time()
+        share = address_share(self._deadline - now, len(self._addresses) + 1)
+        self._timer = self._loop.call_later(share, self._on_timeout)
+
+    def _on_writable(self, events: int) -> None:
+        sock = self._sock
+        assert sock is not None
+        if events != EVENT_WRITE or not self._loop.exact_write_events:
+            try:
+                if not netio.finish_connect(sock):
+                    return  # a stale wake-up: the connect is still under way
+            except netio.ConnectFailed as exc:
+                self._reason = exc.reason
+                self._drop_socket()
+                self._connect_next()
+                return
+        if not self._keep_watched:
+            self._loop.unwatch(self._fd)
+        self._sock = None  # handed over: _stop must not close it
+        self._stop()
+        self._on_connected(sock)
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._sock is None:  # still resolving
+            self._fail(outcomes.TIMEOUT, f"resolving {self.host} took too long")
+            return
+        self._reason = outcomes.TIMEOUT
+        self._drop_socket()
+        if self._addresses and self._loop.time() < self._deadline:
+            self._connect_next()
+        else:
+            self._fail(outcomes.TIMEOUT, "")
+
+    def _fail(self, reason: str, detail: str) -> None:
+        if self._stop():
+            self._on_failed(reason, detail or reason)
+
+    def _stop(self) -> bool:
+        """Release the timer and socket; False if already stopped."""
+        if self.done:
+            return False
+        self.done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._drop_socket()
+        return True
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._loop.unwatch(self._fd, closing=True)
+            netio.close(self._sock)
+            self._sock = None
+            self._fd = -1

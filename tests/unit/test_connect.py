@@ -1,0 +1,221 @@
+"""Unit tests for rawproxy.connect: one Connector on a real EventLoop.
+
+The targets are loopback sockets (listening, refusing, or a full accept
+queue that drops SYNs); names go through a Resolver whose getaddrinfo is
+a table (see test_session), so nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import errno
+import select
+import selectors
+import socket
+import time
+from typing import Iterator, Optional
+
+import pytest
+
+from rawproxy import netio, outcomes
+from rawproxy.connect import ADDRESS_FLOOR_S, Connector, address_share
+from rawproxy.loop import EVENT_WRITE, EventLoop
+from rawproxy.resolver import Resolver
+from tests.unit.test_health import drive, loop, port_of  # noqa: F401  (loop: a fixture)
+from tests.unit.test_session import HOST, Net, net, table  # noqa: F401  (net: a fixture)
+
+
+class Report:
+    """What a connector said: at most once."""
+
+    def __init__(self) -> None:
+        self.sock: Optional[socket.socket] = None
+        self.failure: Optional[tuple[str, str]] = None
+        self.calls = 0
+
+    def connected(self, sock: socket.socket) -> None:
+        self.calls += 1
+        self.sock = sock
+
+    def failed(self, reason: str, detail: str) -> None:
+        self.calls += 1
+        self.failure = (reason, detail)
+
+    def done(self) -> bool:
+        return self.calls > 0
+
+
+class Names:
+    def __init__(self, loop: EventLoop) -> None:
+        self.names: dict[str, list[int]] = {}
+        self.resolver = Resolver(loop.call_soon_threadsafe, getaddrinfo=table(self.names))
+
+
+@pytest.fixture
+def names(loop: EventLoop) -> Iterator[Names]:
+    holder = Names(loop)
+    yield holder
+    holder.resolver.close()
+
+
+def connect(loop: EventLoop, names: Names, host: str, port: int,
+            budget_s: float = 2.0) -> tuple[Connector, Report]:
+    report = Report()
+    connector = Connector(loop, names.resolver, host, port, budget_s,
+                          report.connected, report.failed)
+    connector.start()
+    return connector, report
+
+
+def test_address_share_splits_what_is_left_with_a_floor() -> None:
+    assert address_share(3.0, 1) == 3.0       # one address: the whole budget
+    assert address_share(3.0, 2) == 1.5
+    assert address_share(1.0, 10) == ADDRESS_FLOOR_S  # never a uselessly short try
+    assert address_share(0.1, 10) == 0.1      # ... but never past the budget
+    assert address_share(0.0, 2) == 0.0
+    assert address_share(-1.0, 2) == 0.0
+
+
+def test_connects_and_hands_over_an_unwatched_socket(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    listener = net.listener()
+    before = loop.watched_count
+    connector, report = connect(loop, names, HOST, port_of(listener))
+    drive(loop, report.done, "a report")
+    assert report.sock is not None and report.calls == 1
+    net.keep(report.sock)
+    assert report.sock.getpeername()[1] == port_of(listener)
+    assert connector.done and loop.watched_count == before
+    assert loop.time() - connector.started_at < 2.0
+
+
+def test_refused_everywhere_reports_refused(loop: EventLoop, net: Net, names: Names) -> None:
+    names.names["two.test"] = [port_of(net.refuser()), port_of(net.refuser())]
+    _, report = connect(loop, names, "two.test", 1)
+    drive(loop, report.done, "a report")
+    assert report.failure is not None and report.failure[0] == outcomes.REFUSED
+
+
+def test_an_unknown_name_reports_dns(loop: EventLoop, names: Names) -> None:
+    _, report = connect(loop, names, "nowhere.test", 80)
+    drive(loop, report.done, "a report")
+    assert report.failure is not None
+    assert report.failure[0] == outcomes.DNS and "nowhere.test" in report.failure[1]
+
+
+def test_a_first_address_that_drops_syns_leaves_time_for_the_second(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    listener = net.listener()
+    names.names["svc.test"] = [net.blackhole(), port_of(listener)]
+    started = time.monotonic()
+    _, report = connect(loop, names, "svc.test", 1, budget_s=2.0)
+    drive(loop, report.done, "a report")
+    assert report.sock is not None, report.failure
+    net.keep(report.sock)
+    assert report.sock.getpeername()[1] == port_of(listener)
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_silent_address_times_out_within_the_budget(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    before = loop.watched_count
+    started = time.monotonic()
+    _, report = connect(loop, names, HOST, net.blackhole(), budget_s=0.3)
+    drive(loop, report.done, "a report")
+    assert report.failure is not None and report.failure[0] == outcomes.TIMEOUT
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert loop.watched_count == before  # its socket is closed
+
+
+def test_cancel_closes_the_attempt_and_reports_nothing(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    before = loop.watched_count
+    connector, report = connect(loop, names, HOST, net.blackhole(), budget_s=0.2)
+    assert loop.watched_count == before + 1
+    connector.cancel()
+    assert loop.watched_count == before and connector.done
+    deadline = time.monotonic() + 0.5  # past the budget: a live timer would have fired
+    while time.monotonic() < deadline:
+        loop.run_once(max_wait_s=0.05)
+    assert report.calls == 0
+
+
+def test_our_own_shortage_is_reported_as_no_resources(
+        loop: EventLoop, names: Names) -> None:
+    def no_descriptors(*args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    names.resolver = Resolver(loop.call_soon_threadsafe, getaddrinfo=no_descriptors)
+    try:
+        _, report = connect(loop, names, "any.test", 80)
+        drive(loop, report.done, "a report")
+    finally:
+        names.resolver.close()
+    assert report.failure is not None and report.failure[0] == outcomes.NO_RESOURCES
+
+
+def test_kept_watched_the_socket_is_handed_over_with_its_write_interest(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    # A session takes it over with one interest change, not an unwatch and a
+    # fresh watch: the loop still has it, write interest and all.
+    listener = net.listener()
+    report = Report()
+    connector = Connector(loop, names.resolver, HOST, port_of(listener), 2.0,
+                          report.connected, report.failed, keep_watched=True)
+    connector.start()
+    drive(loop, report.done, "a report")
+    assert report.sock is not None
+    net.keep(report.sock)
+    fd = report.sock.fileno()
+    assert loop.is_watched(fd) and loop.interest(fd) == EVENT_WRITE
+    events: list[int] = []
+    loop.replace_handler(fd, events.append)
+    loop.run_once(max_wait_s=1.0)
+    assert events == [EVENT_WRITE], "the new handler gets the events"
+    loop.unwatch(fd)
+
+
+def ask_counter(monkeypatch: pytest.MonkeyPatch) -> list[socket.socket]:
+    """The sockets netio.finish_connect is asked about, from now on."""
+    asked: list[socket.socket] = []
+    finish = netio.finish_connect
+
+    def counted(sock: socket.socket) -> bool:
+        asked.append(sock)
+        return finish(sock)
+
+    monkeypatch.setattr(netio, "finish_connect", counted)
+    return asked
+
+
+@pytest.mark.skipif(not hasattr(select, "epoll"), reason="exact write events are epoll's")
+def test_the_first_event_settles_the_connect_without_asking_the_socket(
+        loop: EventLoop, net: Net, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = ask_counter(monkeypatch)
+    assert loop.exact_write_events
+    _, report = connect(loop, names, HOST, port_of(net.listener()))
+    drive(loop, report.done, "a report")
+    assert report.sock is not None and asked == []
+    net.keep(report.sock)
+    _, refused = connect(loop, names, HOST, port_of(net.refuser()))
+    drive(loop, refused.done, "a report")
+    # Refused at once by loopback, or by the first event: an error comes
+    # with more than the write bit, and the socket is asked why.
+    assert refused.failure is not None and refused.failure[0] == outcomes.REFUSED
+
+
+def test_where_events_are_not_exact_the_socket_is_asked(
+        net: Net, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = EventLoop(selector=selectors.SelectSelector())
+    try:
+        assert not loop.exact_write_events
+        asked = ask_counter(monkeypatch)
+        resolver = Resolver(loop.call_soon_threadsafe, getaddrinfo=table(names.names))
+        report = Report()
+        Connector(loop, resolver, HOST, port_of(net.listener()), 2.0,
+                  report.connected, report.failed).start()
+        drive(loop, report.done, "a report")
+        assert report.sock is not None and len(asked) == 1
+        net.keep(report.sock)
+        resolver.close()
+    finally:
+        loop.close()

@@ -6,7 +6,7 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: test unit integration typecheck compat run check clean probe dist soak bench bench-micro bench-ceilings bench-logcost bench-syscalls bench-hotspots bench-fairness screenshot fleet bench-fleet bench-upgrade bench-balance
+.PHONY: test unit integration typecheck compat run check clean probe dist soak bench bench-micro bench-ceilings bench-logcost bench-syscalls bench-hotspots bench-fairness screenshot fleet bench-fleet bench-upgrade bench-balance bench-autostart
 
 $(STAMP): requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +90,11 @@ bench-syscalls: $(STAMP)
 bench-hotspots: $(STAMP)
 	$(VPY) -m benchmarks.hotspots --workload churn $(BENCH_ARGS)
 	$(VPY) -m benchmarks.hotspots --workload reqresp --units 20000 $(BENCH_ARGS)
+
+## Autostart (SPEC 10): a client's time to first byte when its app's machine
+## is stopped and boots in 0, 100 or 500 ms, and what the proxy adds to that.
+bench-autostart: $(STAMP)
+	$(VPY) -m benchmarks.autostart
 
 ## Balance "random" against "least-connections" with one target 5x slower:
 ## requests/s, p50/p99 latency and each target's share (BALANCE_ARGS='--rounds 5').

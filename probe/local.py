@@ -6,7 +6,8 @@ except targets named in ``down``: those get a loopback port that is bound
 but never listens, so connects to it are refused.  Each app's ports are
 replaced by ports free at the time (probe.ports says where from and why);
 every other key of the config is written as it was.  No name of the config
-is ever resolved.  Then ``rawproxy.py`` runs on the derived config with
+is ever resolved.  One app is added for the autostart phase: its one
+target is a machine that starts stopped (probe.autostart).  Then ``rawproxy.py`` runs on the derived config with
 ``--listen-host 127.0.0.1`` until its ``ready:`` line (a port taken
 meanwhile means new ports and another try).  Its stderr is always drained.
 
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Deque, Mapping, Optional, Sequence
 
+from .autostart import MachineStub
 from .config import App
 from .echo import EchoBackend, EchoServer
 from .ports import PortPool
@@ -159,6 +161,9 @@ class LocalEnv:
         self.starts = 0                          # proxies started (a retry makes two)
         self.exit_code: Optional[int] = None
         self.stopping = threading.Event()        # set first thing by close()
+        # The autostart phase's app: its machine starts stopped (probe.autostart).
+        self.autostart: Optional[MachineStub] = None
+        self.autostart_port = 0
         self._signals.at_stop(self.close)
 
     def start(self) -> None:
@@ -182,13 +187,16 @@ class LocalEnv:
                     backend = echo.add(self._ports.bind(listen=True))
                     row.append(LocalTarget(app.name, address, backend, backend.port))
             self.targets.append(row)
+        self.autostart = MachineStub(echo, self._ports.bind(listen=False))
         addresses = [[f"127.0.0.1:{t.port}" for t in row] for row in self.targets]
         path = Path(self._tmp.name) / "config.json"
         for _ in range(_START_TRIES):
             ports = [p for app in self.apps for p in app.ports]
-            self.port_map = dict(zip(ports, self._ports.free(len(ports))))
-            path.write_text(json.dumps(derive_config(self._raw, addresses, self.port_map),
-                                       indent=2))
+            *fresh, self.autostart_port = self._ports.free(len(ports) + 1)
+            self.port_map = dict(zip(ports, fresh))
+            derived = derive_config(self._raw, addresses, self.port_map)
+            derived["Apps"].append(self.autostart.app_config(self.autostart_port))
+            path.write_text(json.dumps(derived, indent=2))
             with self._signals.shielded():
                 self.starts += 1
                 self.proxy = ProxyProcess([sys.executable, str(self._launcher), "--config",
@@ -222,6 +230,9 @@ class LocalEnv:
         with self._signals.shielded():
             self.stopping.set()
             try:
+                if self.autostart is not None:
+                    self.autostart.close()
+                    self.autostart = None
                 if self._echo is not None:
                     self._echo.close()
                     self._echo = None

@@ -5,6 +5,8 @@ backends up -> stop one live backend of each app that has two or more ->
 phase 2, every port checked again (new connections must fail over) ->
 stop everything -> judge: how connections spread over the targets, that
 every probe connection was served by exactly one backend of its own app
+(phases 1 and 2; phase 3, autostart, has an app of its own whose machine
+starts stopped and must be started by one hook call: probe.autostart)
 (backends record the stream id each connection started with), that
 failover left stopped and down targets alone, and that the proxy exited 0
 on SIGTERM without logging an error.
@@ -19,6 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from .checks import Options, Planner, PortResult, Progress, Target, run_checks
 from .config import App
+from .autostart import APP_NAME
 from .local import LocalEnv, LocalTarget
 from .stopsignals import StopSignals
 from .report import Check, Phase, Report, SpreadRow
@@ -56,6 +59,7 @@ def run_local(apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
         phase2 = run_checks(targets, options, planner, progress, env.stopping)
         after2 = {id(t): env.served(t) for row in env.targets for t in row}
         states = {id(t): _state(t) for row in env.targets for t in row}
+        autostart = _autostart_phase(env, options, planner, progress)
         pid = env.proxy.proc.pid
     finally:
         env.close()
@@ -65,14 +69,39 @@ def run_local(apps: Sequence[App], raw: Mapping[str, Any], down: frozenset[str],
         Phase(f"phase 1: rawproxy (pid {pid}) on 127.0.0.1, a local echo backend for each "
               f"target" + (f" but {', '.join(down_now)} (down)" if down_now else ""), phase1),
         Phase("phase 2 (failover): new connections after stopping "
-              + (", ".join(f"{t.app}'s {t.address}" for t in stopped) or "nothing"), phase2)]
+              + (", ".join(f"{t.app}'s {t.address}" for t in stopped) or "nothing"), phase2),
+        autostart[0]]
     spread = [SpreadRow(t.app, t.address, f"127.0.0.1:{t.port}",
                         (after1[id(t)][0], after2[id(t)][0] - after1[id(t)][0]), states[id(t)])
               for row in env.targets for t in row]
-    checks = [_isolation(env.targets, phases, after2), _failover(stopped, phase2, spread),
-              _proxy(env)]
+    checks = [_isolation(env.targets, phases[:2], after2), _failover(stopped, phase2, spread),
+              autostart[1], _proxy(env)]
     return Report("127.0.0.1", phases, time.perf_counter() - started, env.port_map,
                   spread, checks, load=options.duration_s is not None)
+
+
+def _autostart_phase(env: LocalEnv, options: Options, planner: Planner,
+                     progress: Optional[Progress]) -> tuple[Phase, Check]:
+    """Phase 3: the autostart app's port, its machine stopped until the
+    first connection makes rawproxy call the Start hook (SPEC 10)."""
+    stub = env.autostart
+    assert stub is not None
+    target = Target(APP_NAME, env.autostart_port, "127.0.0.1", env.autostart_port)
+    began = time.perf_counter()
+    [result] = run_checks([target], options, planner, progress, env.stopping)
+    first = min((c.latencies_s[0] for c in result.conns if c.latencies_s), default=0.0)
+    served = len(stub.backend.streams) if stub.backend is not None else 0
+    hook_ms = ((stub.first_call_at - began) * 1e3) if stub.first_call_at else 0.0
+    title = (f"phase 3 (autostart): {APP_NAME}'s one machine stopped, started by the first "
+             f"connection ({stub.calls} Start hook call(s), {hook_ms:.1f} ms after it)")
+    passed = stub.calls == 1 and result.passed and served == len(result.conns)
+    detail = (f"{stub.calls} Start hook call for {len(result.conns)} connections, all served "
+              f"by the started machine; the first frame's round trip, start included: "
+              f"{first * 1e3:.1f} ms")
+    if not passed:
+        detail = (f"{stub.calls} Start hook calls (want 1), {served} of "
+                  f"{len(result.conns)} connections served by the machine")
+    return Phase(title, [result]), Check("autostart", passed, detail)
 
 
 def _state(target: LocalTarget) -> str:

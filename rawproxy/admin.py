@@ -22,8 +22,9 @@ blocking, capped at :data:`MAX_REQUEST_BYTES`, and a connection is closed
 :data:`REQUEST_TIMEOUT_S` after its accept whatever it is doing.  At most
 :data:`MAX_CLIENTS` admin connections are open at once; past that, a new
 client replaces the oldest one that was already answered or has not sent a
-whole request yet (so idle connections cannot lock out a scraper), and is
-refused only when every slot is busy writing an answer.
+whole request yet (so idle connections cannot lock out a scraper), else the
+oldest still being written to (a client that never reads its answer), and
+is refused only when every slot waits for the handlers' answer.
 
 Out of descriptors (EMFILE and friends) at accept, the listener stops
 reading for a while (:data:`ACCEPT_PAUSE_S`, doubling up to
@@ -355,8 +356,10 @@ class AdminServer:
         self.loop.set_interest(conn.fd, EVENT_READ)
 
     def _evict_one(self) -> bool:
-        """Close the oldest connection not busy writing an answer, if any."""
-        for phase in (_Phase.LINGERING, _Phase.READING):
+        """Close the oldest connection answered or idle, else the oldest still
+        writing (a peer that does not read its answer keeps that phase: such
+        clients must not lock out /healthz probes); never one WAITING."""
+        for phase in (_Phase.LINGERING, _Phase.READING, _Phase.WRITING):
             for conn in self.connections:
                 if conn.phase is phase:
                     conn.close()

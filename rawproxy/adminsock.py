@@ -71,13 +71,13 @@ def open_listener(address: AdminAddress, backlog: int = 64) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         # umask is process-wide, but this runs at start-up before anything
-        # else creates files; the chmod makes sure even if bind ignored it.
+        # else creates files.  No chmod after bind: by path it would follow
+        # a symlink swapped in meanwhile (Linux's bind honours the umask).
         old_umask = os.umask(0o177)
         try:
             sock.bind(address.path)
         finally:
             os.umask(old_umask)
-        os.chmod(address.path, 0o600)
         sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:

@@ -179,7 +179,11 @@ class Channel:
 
     def _claim_fds(self, frame: str) -> str:
         head, _, text = frame.partition("\n")
-        count = int(head[len(FDS_MARK):])  # ValueError: out of step
+        digits = head[len(FDS_MARK):]
+        # ASCII digits only: int() would take "-1", " 0", "1_0" or other scripts' digits.
+        if not (digits.isascii() and digits.isdigit()):
+            raise ValueError(f"a frame's descriptor count is not a number: {digits[:20]!r}")
+        count = int(digits)
         if count > len(self._inbox_fds):
             raise ValueError(f"a frame carries {count} descriptors, {len(self._inbox_fds)} came")
         self._frame_fds = self._inbox_fds[:count]

@@ -220,14 +220,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except TokenError as exc:
             _error(str(exc))
             return EXIT_USAGE
-    if args.check:
-        print(format_summary(config))
-        return EXIT_OK
-    try:
-        identity = lookup_identity(args.user, args.group)
+    try:  # under --check too: the names must exist (root is not needed to check)
+        identity = lookup_identity(args.user, args.group, need_root=not args.check)
     except PrivilegeError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    if args.check:
+        print(format_summary(config))
+        return EXIT_OK
     handler = configure_logging(args.log_level, args.log_format)
     try:
         return _run(args, source, config, identity, handler)
@@ -359,6 +359,7 @@ def _metrics_text(server: Server, handler: SinkHandler,
                   labels: tuple[tuple[str, str], ...] = ()) -> str:
     snap = views.metrics_snapshot(server)
     snap.log_lines_dropped = handler.sink.dropped
+    snap.counter_slots_used = server.router.counters.shared.slots_used
     return metrics.render(snap, labels)
 
 

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Protocol, Union
 
 from . import jsontext
+from .configmachines import machines_summary, parse_machines, view_machines
 from .configschema import (Context, Invalid, Key, Table, as_int, as_number, at, nested,
                            nested_some, nested_view, parse_address, parse_choice, parse_count,
                            parse_networks, parse_object, parse_seconds, plain, require_list,
@@ -391,6 +392,8 @@ _APP_TABLE: Table[App] = Table((
         summary=lambda s: f"queue timeout {s:g}s"),
     Key("Balance", "balance", summary=lambda policy: f"balance {policy}",
         parse=plain(lambda v, w: parse_choice(v, w, "a balance policy", BALANCE_POLICIES))),
+    Key("Machines", "machines", parse_machines, view=view_machines,  # configmachines
+        summary=machines_summary),
 ), make=lambda fields: App(**fields))
 
 _TOP_TABLE: Table[tuple[App, ...]] = Table((

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Mapping, Optional, TypeVar, Union
 
@@ -271,6 +272,14 @@ def _parse_ipv6_host(host_text: str, text: str, where: str) -> str:
                              "IPv6 address (brackets are only for IPv6)") from None
 
 
+def _is_inet_aton_form(host_text: str) -> bool:
+    try:
+        socket.inet_aton(host_text)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _parse_host(host_text: str, text: str, where: str) -> str:
     """An IPv4 literal or a plausible DNS name, canonical form."""
     try:
@@ -284,6 +293,7 @@ def _parse_host(host_text: str, text: str, where: str) -> str:
         # An all-digit last label is no TLD; getaddrinfo would read "10.1"
         # or "1.2.3.256" as a legacy inet_aton form or fail: say so now.
         and not labels[-1].isdigit()
+        and not _is_inet_aton_form(host_text)  # "0x7f000001", "127.0x1": 127.0.0.1
     )
     if not plausible:
         raise Invalid(where, f"{render(text)}: {render(host_text)} is not "

@@ -13,12 +13,15 @@ from typing import Mapping, Optional, Union
 
 __all__ = ["BALANCE_LEAST_CONNECTIONS", "BALANCE_POLICIES", "BALANCE_RANDOM",
            "DEFAULT_CONNECT_TIMEOUT_S", "DEFAULT_QUEUE_TIMEOUT_S", "App", "Concurrency",
-           "Config", "HealthCheck", "IPNetwork", "PerClient", "Target"]
+           "Config", "DEFAULT_START_TIMEOUT_S", "HealthCheck", "Hook", "IPNetwork", "Machines",
+           "PerClient", "Target"]
 
 DEFAULT_CONNECT_TIMEOUT_S = 3.0
 # fly-proxy's default wait for a machine slot is of this order; a client
 # that waits longer has most likely given up already.
 DEFAULT_QUEUE_TIMEOUT_S = 5.0
+# fly-proxy waits about this long for a machine to start (SPEC 10).
+DEFAULT_START_TIMEOUT_S = 10.0
 BALANCE_RANDOM = "random"  # weighted random (SPEC 4)
 BALANCE_LEAST_CONNECTIONS = "least-connections"  # weighted power of two choices
 BALANCE_POLICIES = (BALANCE_RANDOM, BALANCE_LEAST_CONNECTIONS)
@@ -66,6 +69,26 @@ class Concurrency:
 
 
 @dataclass(frozen=True)
+class Hook:
+    """How a machine is started or stopped (SPEC 10): an HTTP POST to
+    ``url``, or ``command`` run without a shell; exactly one is set."""
+
+    url: Optional[str] = None
+    command: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Machines:
+    """Targets started on demand and stopped when idle (SPEC 10)."""
+
+    start: Hook
+    stop: Optional[Hook] = None
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S
+    stop_after_s: Optional[float] = None  # None: no autostop
+    min_running: int = 0
+
+
+@dataclass(frozen=True)
 class App:
     name: str
     ports: tuple[int, ...]
@@ -80,6 +103,7 @@ class App:
     concurrency: Optional[Concurrency] = None
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
     balance: str = BALANCE_RANDOM
+    machines: Optional[Machines] = None
 
 
 @dataclass(frozen=True)

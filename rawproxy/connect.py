@@ -75,7 +75,7 @@ class Connector:
 
     __slots__ = ("_loop", "_resolver", "host", "port", "_on_connected", "_on_failed",
                  "_deadline", "_addresses", "_sock", "_fd", "_timer", "_reason", "started_at",
-                 "done", "_keep_watched")
+                 "done", "_keep_watched", "_resolving")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, host: str, port: int,
                  budget_s: float, on_connected: OnConnected, on_failed: OnFailed,
@@ -95,12 +95,14 @@ class Connector:
         self._timer: Optional[Timer] = None
         self._reason = outcomes.NO_ADDRESS  # the latest address's failure
         self.done = False
+        self._resolving = False  # our callback is in the resolver's waiting list
 
     def start(self) -> None:
         resolution = self._resolver.resolve(self.host, self.port, self._on_resolved)
         if resolution is not None:
             self._on_resolved(resolution)  # a literal or a cached name: no timer yet
         elif not self.done:
+            self._resolving = True
             self._timer = self._loop.call_later(self._deadline - self.started_at,
                                                 self._on_timeout)
 
@@ -109,6 +111,7 @@ class Connector:
         self._stop()
 
     def _on_resolved(self, resolution: Resolution) -> None:
+        self._resolving = False
         if self.done:
             return  # the budget ran out first, or the caller cancelled
         if resolution.error:
@@ -158,7 +161,13 @@ class Connector:
     def _on_timeout(self) -> None:
         self._timer = None
         if self._sock is None:  # still resolving
-            self._fail(outcomes.TIMEOUT, f"resolving {self.host} took too long")
+            if not self._resolver.is_started(self.host, self.port):
+                # Queued behind other names' lookups: our threads were short,
+                # the name did nothing wrong (not charged to the target).
+                self._fail(outcomes.NO_RESOURCES,
+                           f"no resolver thread free to look {self.host} up in time")
+            else:
+                self._fail(outcomes.TIMEOUT, f"resolving {self.host} took too long")
             return
         self._reason = outcomes.TIMEOUT
         self._drop_socket()
@@ -176,6 +185,9 @@ class Connector:
         if self.done:
             return False
         self.done = True
+        if self._resolving:
+            self._resolving = False
+            self._resolver.withdraw(self.host, self.port, self._on_resolved)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import socket
 from typing import Callable, Optional
 
@@ -178,6 +179,30 @@ def ask_all(loop: EventLoop, links: list[Optional[WorkerLink]], request: str,
         gather.timer = loop.call_later(timeout_s, gather.finish)
     else:
         gather.finish()
+
+
+def collect_listeners(loop: EventLoop, links: list[Optional[WorkerLink]], extra_fds: list[int],
+                      timeout_s: float,
+                      deliver: Callable[[list[int], Optional[str]], None]) -> None:
+    """For an upgrade: ask every link for its listening sockets; ``deliver``
+    gets them all (``extra_fds`` last) and why not all came, if they did
+    not.  The received descriptors are closed once ``deliver`` returns: the
+    new process holds its own copies by then."""
+    received: dict[int, list[int]] = {}
+
+    def answered(answers: Answers) -> None:
+        fds = [fd for index in sorted(received) for fd in received[index]]
+        silent = [str(index) for index, link in enumerate(links)
+                  if link is not None and answers[index] != str(len(received.get(index, [])))]
+        try:
+            deliver(fds + extra_fds, f"worker {', '.join(silent)} did not hand over its "
+                    "sockets" if silent else None)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    ask_all(loop, links, "listeners", timeout_s, answered,
+            lambda index, fds: received.setdefault(index, []).extend(fds))
 
 
 class WorkerControl:

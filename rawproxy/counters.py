@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import mmap
 import os
 import tempfile
@@ -60,6 +61,10 @@ DEFAULT_CAPACITY = 16384
 _MAGIC = 0x72617770726F7879  # "rawproxy"
 _HEADER = 4
 _USED = 3  # header cell: slots taken
+# A warning when this share of the slots is taken: a restart is due soon.
+_WARN_FRACTION = 0.9
+
+log = logging.getLogger("rawproxy.counters")
 
 
 class CountersFull(Exception):
@@ -148,6 +153,10 @@ class SharedCounters:
                 if found == 0:
                     cells[base + index] = key
                     cells[_USED] += 1
+                    if cells[_USED] == max(1, int(capacity * _WARN_FRACTION)):
+                        log.warning("%d of %d shared counter slots taken (one per app and "
+                                    "target name ever seen; never freed): restart rawproxy "
+                                    "before reloads are rejected", cells[_USED], capacity)
                     return index
         raise CountersFull(f"more than {capacity} distinct apps and targets since start: "
                            "the shared connection counters are full (a restart resets them)")
@@ -265,6 +274,19 @@ class Counters:
         with self.lock:
             self.mark_waiting()
             return self.total(slot) < limit
+
+    def claim(self, slot: int, now_ms: int, until_ms: int) -> bool:
+        """Elect one worker for a task named by ``slot`` (a machine's start
+        or stop, SPEC 10): True, with this worker's cell set to ``until_ms``,
+        unless another worker's claim is still live (its cell > ``now_ms``,
+        monotonic milliseconds, one clock for every process).  Locks."""
+        with self.lock:
+            first = self._counts - self.index + slot * self._workers
+            for worker in range(self._workers):
+                if worker != self.index and self._cells[first + worker] > now_ms:
+                    return False
+            self._cells[self._counts + slot * self._workers] = until_ms
+            return True
 
     def mark_waiting(self) -> None:
         """Call under the lock, after finding no room."""

@@ -131,9 +131,24 @@ def clients_from_args(args: argparse.Namespace) -> tuple[Client, ...]:
                         password=password) for ep in endpoints)
 
 
+def _etcd_option_given(args: argparse.Namespace) -> str:
+    """The first --etcd-* option given a value of its own, or "" (it would
+    be ignored without --etcd: a usage error, not a silent no-op)."""
+    defaults = {"etcd_prefix": DEFAULT_PREFIX, "etcd_cache": None,
+                "etcd_timeout": DEFAULT_TIMEOUT_S, "etcd_cacert": None, "etcd_cert": None,
+                "etcd_key": None, "etcd_user": None, "etcd_password_file": None}
+    for name, default in defaults.items():
+        if getattr(args, name, default) != default:
+            return "--" + name.replace("_", "-")
+    return ""
+
+
 def start_fleet(args: argparse.Namespace) -> Optional[FleetStart]:
     """Under ``--etcd``: the start-up config (see the module docstring)."""
     if args.etcd is None:
+        given = _etcd_option_given(args)
+        if given:
+            raise FleetStartError(f"{given} needs --etcd", EXIT_USAGE)
         return None
     clients = clients_from_args(args)
     prefix = args.etcd_prefix.encode()

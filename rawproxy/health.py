@@ -6,7 +6,8 @@ later check succeeds (SPEC 2); passive health (failed client connects)
 works on top of it.  A check is a connect and an immediate close -- what
 HAProxy's plain ``check`` does in mode tcp -- resolved and connected on
 the event loop like any other connect, never blocking it.  State changes
-are logged once, not every interval.
+are logged once, not every interval.  A target whose previous check is
+still in flight (``Timeout`` > ``Interval``) is skipped that round.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ log = logging.getLogger("rawproxy.health")
 class _Check:
     """One check of one target: a connect (see :class:`Connector`), then close."""
 
-    __slots__ = ("_route", "_target", "_connector")
+    __slots__ = ("route", "target", "_connector")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, route: Route,
                  target: Target, timeout_s: float) -> None:
-        self._route = route
-        self._target = target
+        self.route = route
+        self.target = target
         self._connector = Connector(loop, resolver, target.host, target.port, timeout_s,
                                     self._on_connected, self._on_failed)
 
@@ -55,15 +56,15 @@ class _Check:
             self._verdict(False, reason)
 
     def _verdict(self, ok: bool, reason: str) -> None:
-        balancer = self._route.balancer
-        was_failing = balancer.health(self._target).check_failed
-        balancer.record_check(self._target, ok, reason)
+        balancer = self.route.balancer
+        was_failing = balancer.health(self.target).check_failed
+        balancer.record_check(self.target, ok, reason)
         if ok and was_failing:
             log.info("app %s: target %s is up (health check passed)",
-                     self._route.app.name, self._target.address)
+                     self.route.app.name, self.target.address)
         elif not ok and not was_failing:
             log.warning("app %s: target %s is down (health check: %s)",
-                        self._route.app.name, self._target.address, reason)
+                        self.route.app.name, self.target.address, reason)
 
 
 class HealthChecks:
@@ -86,7 +87,12 @@ class HealthChecks:
         check = route.app.health_check
         assert check is not None
         self._checks = [c for c in self._checks if not c.done]
+        # A check still in flight (Timeout > Interval) is not doubled: checks
+        # of a silent target would otherwise pile up (HAProxy never overlaps).
+        busy = {(id(c.route), c.target) for c in self._checks}
         for target in route.balancer.targets:
+            if (id(route), target) in busy:
+                continue
             attempt = _Check(self._loop, self._resolver, route, target, check.timeout_s)
             self._checks.append(attempt)
             attempt.start()

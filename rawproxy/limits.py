@@ -25,8 +25,10 @@ Memory stays bounded under a flood of distinct addresses:
   a fresh one would not: at once without ``Rate``, else once its bucket
   has refilled (``max(r, 1) / r`` seconds: at most 1 s for r >= 1).
 * Those idle entries are capped (``max_idle``, :data:`MAX_IDLE_CLIENTS` by
-  default): at the cap the oldest idle entry is forgotten, and that client
-  gets a full bucket again a little early.  New clients are never refused
+  default), every app together (an :class:`IdleBudget` the tables share):
+  at the cap the oldest idle entry of the table adding one is forgotten
+  (a flooded app gives up its own entries, not another app's), and that
+  client gets a full bucket again a little early.  New clients are never refused
   for want of room, and open connections are never forgotten.
 """
 
@@ -41,10 +43,21 @@ Clock = Callable[[], float]
 # (MaxConnections or None, Rate or None) of one app.
 Limits = tuple[Optional[int], Optional[float]]
 
-# Idle entries kept per app, at about 200 bytes each: ~13 MB at most.  At
-# r >= 1 an entry is idle for at most 1 s, so this is exact rate limiting
-# for up to 65,536 distinct clients a second per app.
+# Idle entries kept, every app together, at about 200 bytes each: ~13 MB at
+# most.  At r >= 1 an entry is idle for at most 1 s, so this is exact rate
+# limiting for up to 65,536 distinct clients a second.
 MAX_IDLE_CLIENTS = 65536
+
+
+class IdleBudget:
+    """The idle entries every app's table may keep, together: one cap for the
+    process, not one per app (a thousand apps must not mean 1000 x 13 MB)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int = MAX_IDLE_CLIENTS) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 def client_key(addr: object) -> str:
@@ -76,9 +89,10 @@ class ClientTable:
     """One app's clients under ``PerClient`` (see the module docstring)."""
 
     def __init__(self, max_connections: Optional[int], rate: Optional[float],
-                 clock: Clock, max_idle: int = MAX_IDLE_CLIENTS) -> None:
+                 clock: Clock, max_idle: int = MAX_IDLE_CLIENTS,
+                 budget: Optional[IdleBudget] = None) -> None:
         self._clock = clock
-        self._max_idle = max_idle
+        self._budget = budget if budget is not None else IdleBudget(max_idle)
         self._clients: dict[str, _Client] = {}
         # Clients with no open connection: key -> when it closed its last, oldest first.
         self._idle: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -100,7 +114,13 @@ class ClientTable:
         if rate is None:
             for key in self._idle:
                 del self._clients[key]
+            self._budget.used -= len(self._idle)
             self._idle.clear()
+
+    def retire(self) -> None:
+        """The app went (a reload): give back its idle entries, and keep
+        none from now on (its open connections are still released here)."""
+        self.configure(self.max_connections, None)
 
     def __len__(self) -> int:
         """Clients remembered: with open connections, or idle and not yet expired."""
@@ -127,8 +147,8 @@ class ClientTable:
                 return f"{key} over PerClient Rate {self.rate:g}/s"
             client.tokens = tokens - 1.0
         client.open += 1
-        if client.open == 1:
-            self._idle.pop(key, None)
+        if client.open == 1 and self._idle.pop(key, None) is not None:
+            self._budget.used -= 1
         return ""
 
     def release(self, key: str) -> None:
@@ -143,9 +163,12 @@ class ClientTable:
             del self._clients[key]  # nothing to remember
             return
         self._idle[key] = self._clock()
-        if len(self._idle) > self._max_idle:
+        budget = self._budget
+        budget.used += 1
+        if budget.used > budget.limit:
             oldest, _ = self._idle.popitem(last=False)
             del self._clients[oldest]
+            budget.used -= 1
 
     def _expire(self, now: float) -> None:
         # A client idle for _refill_s has a full bucket (its stamp is no
@@ -157,6 +180,7 @@ class ClientTable:
                 return
             del idle[key]
             del self._clients[key]
+            self._budget.used -= 1
 
 
 class PerClientLimits:
@@ -164,7 +188,7 @@ class PerClientLimits:
 
     def __init__(self, clock: Clock, max_idle: int = MAX_IDLE_CLIENTS) -> None:
         self._clock = clock
-        self._max_idle = max_idle
+        self.idle_budget = IdleBudget(max_idle)  # shared by every app's table
         self.tables: dict[str, ClientTable] = {}
         self._held: dict[Hashable, tuple[ClientTable, str]] = {}
 
@@ -177,10 +201,14 @@ class PerClientLimits:
         for app, (max_connections, rate) in limits.items():
             table = self.tables.get(app)
             if table is None:
-                table = ClientTable(max_connections, rate, self._clock, self._max_idle)
+                table = ClientTable(max_connections, rate, self._clock,
+                                    budget=self.idle_budget)
             else:
                 table.configure(max_connections, rate)
             tables[app] = table
+        for app, table in self.tables.items():
+            if app not in tables:
+                table.retire()
         self.tables = tables
 
     def admit(self, app: str, addr: object, holder: Hashable) -> str:

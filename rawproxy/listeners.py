@@ -57,7 +57,7 @@ class BindError(Exception):
 
 
 class Listener:
-    __slots__ = ("sock", "fd", "port", "route", "_set", "nodelay_inherited")
+    __slots__ = ("sock", "fd", "port", "route", "_set", "nodelay_inherited", "family")
 
     def __init__(self, sock: socket.socket, port: int, route: Route,
                  listener_set: ListenerSet) -> None:
@@ -69,6 +69,7 @@ class Listener:
         # True: the clients it accepts have TCP_NODELAY already (one
         # setsockopt per client saved); False: each needs its own.
         self.nodelay_inherited = netio.nodelay_for_accepted(sock)
+        self.family = int(sock.family)
 
     def on_events(self, events: int) -> None:
         if events & EVENT_ERROR:
@@ -76,6 +77,15 @@ class Listener:
             self._set.loop.mute(self.fd)
             return
         self._set.accept_from(self)
+
+
+def _socket_for(fd: int, family: int) -> socket.socket:
+    """The accepted ``fd`` as a socket object (closed if that fails)."""
+    try:
+        return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class ListenerSet:
@@ -147,8 +157,11 @@ class ListenerSet:
         """Ask ``wants_accept`` again, for one app's listeners or for all."""
         for listener in self.by_port.values():
             if app_name is None or listener.route.app.name == app_name:
-                mask = EVENT_READ if self._wants_accept(listener) else 0
-                self.loop.set_interest(listener.fd, mask)
+                self._set_accepting(listener)
+
+    def _set_accepting(self, listener: Listener) -> None:
+        mask = EVENT_READ if self._wants_accept(listener) else 0
+        self.loop.set_interest(listener.fd, mask)
 
     def close(self) -> None:
         for port in list(self.by_port):
@@ -162,9 +175,17 @@ class ListenerSet:
     def accept_from(self, listener: Listener) -> None:
         for _ in range(self._accept_batch):
             if not self._admit(listener):
+                # No room: stop watching it (level-triggered, it would spin)
+                # until a freed slot wakes this worker; asking again sets the
+                # worker's waiting mark, under the lock, so that wake comes.
+                self._set_accepting(listener)
                 return
             try:
-                client, addr = listener.sock.accept()
+                # socket.accept() without its Python layer: that turns the
+                # listener's family and type into enums on every call (nine
+                # calls of the interpreter's own per connection).
+                fd, addr = listener.sock._accept()  # type: ignore[attr-defined]
+                client = _socket_for(fd, listener.family)
             except netio.WOULD_BLOCK:
                 self._unadmit(listener)
                 return

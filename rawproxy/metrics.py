@@ -21,11 +21,13 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class TargetView:
-    __slots__ = ("address", "up", "consecutive_failures", "open_connections")
+    __slots__ = ("address", "up", "consecutive_failures", "open_connections", "state")
 
     def __init__(self, address: str, up: bool, consecutive_failures: int,
-                 open_connections: int = 0) -> None:
+                 open_connections: int = 0, state: str = "") -> None:
         self.address = address
+        # up, down, starting or stopped (SPEC 10); derived from ``up`` if not given
+        self.state = state or ("up" if up else "down")
         self.up = up
         self.consecutive_failures = consecutive_failures
         self.open_connections = open_connections  # from this process (worker)
@@ -35,7 +37,7 @@ class Snapshot:
     """What the metrics need from the running server, at scrape time."""
 
     __slots__ = ("stats", "active", "live_bytes_in", "live_bytes_out", "targets", "draining",
-                 "log_lines_dropped", "queued")
+                 "log_lines_dropped", "queued", "counter_slots_used")
 
     def __init__(self, stats: Stats, active: Mapping[str, int],
                  live_bytes_in: Mapping[str, int], live_bytes_out: Mapping[str, int],
@@ -50,6 +52,9 @@ class Snapshot:
         self.draining = draining
         # A process-wide count (the log sink's), filled in by whoever owns it.
         self.log_lines_dropped = log_lines_dropped
+        # Shared counter slots taken (process-wide, never given back: see
+        # rawproxy.counters), filled in by whoever holds the counters.
+        self.counter_slots_used = 0
 
 
 def _escape(value: str) -> str:
@@ -146,13 +151,43 @@ def _target_open(snap: Snapshot) -> Iterator[Sample]:
             yield "", (("app", name), ("target", view.address)), view.open_connections
 
 
-def _queue_wait(snap: Snapshot) -> Iterator[Sample]:
-    for name, app in sorted(snap.stats.apps.items()):
-        labels = (("app", name),)
-        for bound, count in app.queue_wait.cumulative():
-            yield "_bucket", labels + (("le", _number(bound)),), count
-        yield "_sum", labels, app.queue_wait.total
-        yield "_count", labels, app.queue_wait.count
+TARGET_STATES = ("up", "down", "starting", "stopped")
+
+
+def _target_state(snap: Snapshot) -> Iterator[Sample]:
+    for name, views in sorted(snap.targets.items()):
+        for view in views:
+            for state in TARGET_STATES:
+                labels = (("app", name), ("target", view.address), ("state", state))
+                yield "", labels, 1 if view.state == state else 0
+
+
+def _app_histogram(field: str) -> Callable[[Snapshot], Iterator[Sample]]:
+    """A per-app histogram: the ``AppStats`` attribute ``field``."""
+    get = attrgetter(field)
+
+    def samples(snap: Snapshot) -> Iterator[Sample]:
+        for name, app in sorted(snap.stats.apps.items()):
+            labels, hist = (("app", name),), get(app)
+            for bound, count in hist.cumulative():
+                yield "_bucket", labels + (("le", _number(bound)),), count
+            yield "_sum", labels, hist.total
+            yield "_count", labels, hist.count
+    return samples
+
+
+def _results(field: str) -> Callable[[Snapshot], Iterator[Sample]]:
+    """Per app and ``result``: the ``AppStats`` dict ``field``."""
+    get = attrgetter(field)
+
+    def samples(snap: Snapshot) -> Iterator[Sample]:
+        for name, app in sorted(snap.stats.apps.items()):
+            for result, count in sorted(get(app).items()):
+                yield "", (("app", name), ("result", result)), count
+    return samples
+
+
+_queue_wait = _app_histogram("queue_wait")
 
 
 def _reloads(snap: Snapshot) -> Iterator[Sample]:
@@ -210,6 +245,18 @@ FAMILIES = (
            _per_app(lambda snap, name, app: snap.queued.get(name, 0))),
     Family("queue_wait_seconds", "histogram",
            "Time clients waited in the app's queue, however the wait ended.", _queue_wait),
+    Family("target_state", "gauge",
+           "1 for the target's state (up, down, starting, stopped), 0 for the others.",
+           _target_state),
+    Family("machine_starts_total", "counter",
+           "Machine starts (Machines), by result: ok, failed (hook), timeout.",
+           _results("machine_starts")),
+    Family("machine_stops_total", "counter",
+           "Machine stops after StopAfter idle (Machines), by result: ok, failed.",
+           _results("machine_stops")),
+    Family("machine_start_wait_seconds", "histogram",
+           "Time clients waited for a machine to start, however the wait ended.",
+           _app_histogram("start_wait")),
     Family("config_reloads_total", "counter", "Config reloads, by result.", _reloads),
     Family("config_last_reload_successful", "gauge",
            "1 if the last reload succeeded (or none was tried).",
@@ -227,6 +274,10 @@ FAMILIES = (
     Family("log_lines_dropped_total", "counter",
            "Log lines dropped because stderr was not taking them.",
            _one(lambda snap: snap.log_lines_dropped)),
+    Family("counter_slots_used", "gauge",
+           "Slots taken in the shared connection counters, of 16384; never freed "
+           "before a restart, and a reload needing more is rejected.",
+           _one(lambda snap: snap.counter_slots_used)),
     Family("process_start_time_seconds", "gauge",
            "Start time of the process since the Unix epoch, in seconds.",
            _one(lambda snap: snap.stats.start_time)),

@@ -129,7 +129,7 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
 
     Raises :class:`ConnectFailed` when the kernel refuses at once (loopback
     often answers ECONNREFUSED synchronously), :class:`LocalResourceError`
-    when no socket can be had.
+    when no socket or no local port (EADDRNOTAVAIL) can be had.
     """
     try:
         sock = socket.socket(family, _NONBLOCKING_STREAM)
@@ -144,6 +144,8 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
     err = sock.connect_ex(sockaddr)
     if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EINTR):
         sock.close()
+        if err == errno.EADDRNOTAVAIL:  # Linux: no ephemeral port left here
+            raise LocalResourceError(os.strerror(err))
         raise ConnectFailed(connect_reason(err))
     return sock
 

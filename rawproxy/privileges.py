@@ -37,8 +37,10 @@ def raise_fd_limit() -> int:
     return wanted
 
 
-def lookup_identity(user: Optional[str], group: Optional[str]) -> Optional[tuple[int, int]]:
-    """(uid, gid) to switch to, or None when neither option was given."""
+def lookup_identity(user: Optional[str], group: Optional[str],
+                    need_root: bool = True) -> Optional[tuple[int, int]]:
+    """(uid, gid) to switch to, or None when neither option was given;
+    ``need_root`` False (``--check``): only that the names exist."""
     if user is None and group is None:
         return None
     uid, gid = os.getuid(), os.getgid()
@@ -53,7 +55,7 @@ def lookup_identity(user: Optional[str], group: Optional[str]) -> Optional[tuple
             gid = (grp.getgrnam(group) if not group.isdigit() else grp.getgrgid(int(group))).gr_gid
         except (KeyError, ValueError, OverflowError):
             raise PrivilegeError(f"--group: no such group {group!r}") from None
-    if os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
+    if need_root and os.geteuid() != 0 and (uid != os.geteuid() or gid != os.getegid()):
         raise PrivilegeError("--user/--group need the proxy to start as root")
     return uid, gid
 

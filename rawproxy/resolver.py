@@ -11,6 +11,9 @@ callbacks always run on the loop thread.  Contract:
 * Answers are cached for ``ttl_s`` (30 s by default); failures for
   ``negative_ttl_s`` (5 s), so a dead name does not queue a lookup per
   client but is retried soon after it is fixed.
+* ``is_started`` tells a caller whose time ran out whether its lookup
+  ever got a thread (if not, the shortage was ours); ``withdraw`` drops
+  the callback of a caller that gave up.
 * A failure that is ours, not the name's (no thread could be started, no
   descriptor or memory for the lookup: ``Resolution.local``), is answered
   but never cached, and callers must not charge it to the target.
@@ -89,6 +92,9 @@ class Resolver:
         self._cache: dict[tuple[str, int], Resolution] = {}
         self._waiting: dict[tuple[str, int], list[Callable[[Resolution], None]]] = {}
         self._jobs: queue.SimpleQueue[Optional[tuple[str, int]]] = queue.SimpleQueue()
+        # Names a thread has taken (added by it, dropped on delivery): a
+        # lookup not in here is still queued behind others (see is_started).
+        self._started: set[tuple[str, int]] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
 
@@ -138,6 +144,7 @@ class Resolver:
             key = self._jobs.get()
             if key is None:
                 return
+            self._started.add(key)  # one set operation: atomic under the GIL
             resolution = self._lookup(*key)
             # Bind now: a closure would read ``key``/``resolution`` when the loop
             # runs it, by which time this thread may have taken the next job.
@@ -165,6 +172,7 @@ class Resolver:
         return Resolution(tuple(addresses), "", self._clock() + self._ttl_s)
 
     def _deliver(self, key: tuple[str, int], resolution: Resolution) -> None:
+        self._started.discard(key)
         if not resolution.local:
             self._cache[key] = resolution
         for on_done in self._waiting.pop(key, []):
@@ -172,6 +180,22 @@ class Resolver:
                 on_done(resolution)
             except Exception:
                 log.exception("error in resolution callback for %s:%d", *key)
+
+    def is_started(self, host: str, port: int) -> bool:
+        """Whether a thread is looking ``host`` up (False: still queued, or
+        not asked): a caller whose time ran out while its lookup waited for a
+        thread was short of threads, not failed by the name."""
+        return (host, port) in self._started
+
+    def withdraw(self, host: str, port: int, on_done: Callable[[Resolution], None]) -> None:
+        """Forget ``on_done`` (its caller gave up): a hanging name must not
+        collect one callback per client that timed out."""
+        waiting = self._waiting.get((host, port))
+        if waiting is not None:
+            try:
+                waiting.remove(on_done)
+            except ValueError:
+                pass
 
     def forget(self) -> None:
         """Drop cached answers (a reload should see DNS changes at once)."""

@@ -38,6 +38,7 @@ from typing import Callable, Collection, Iterable, Mapping, Optional, Union
 from .balance import Candidate, Choice, Verdict, pick
 from .config import BALANCE_LEAST_CONNECTIONS, App, Config, ConfigError, Target
 from .counters import Counters, CountersFull, SharedCounters
+from .machines import MachineSet
 from .stats import AppStats, Stats
 
 # What acquire() answers: a target (counted: release it), WAIT, or None.
@@ -60,7 +61,7 @@ class Backoff:
 
 class TargetHealth:
     __slots__ = ("target", "consecutive_failures", "down_until", "last_failure",
-                 "check_failed", "slot", "candidate")
+                 "check_failed", "slot", "candidate", "stopped")
 
     def __init__(self, target: Target, slot: int = 0, index: int = 0) -> None:
         self.target = target
@@ -70,15 +71,17 @@ class TargetHealth:
         self.down_until = 0.0
         self.last_failure = ""
         self.check_failed = False
+        self.stopped = False  # its machine is not running (SPEC 10): skipped as down
 
     def is_down(self, now: float) -> bool:
-        return self.check_failed or now < self.down_until
+        return self.check_failed or self.stopped or now < self.down_until
 
     def adopt(self, old: TargetHealth) -> None:
         self.consecutive_failures = old.consecutive_failures
         self.down_until = old.down_until
         self.last_failure = old.last_failure
         self.check_failed = old.check_failed
+        self.stopped = old.stopped
 
 
 # (target address, down until on the monotonic clock; 0.0 when up again)
@@ -124,7 +127,10 @@ class Balancer:
         """The target for the next attempt, counted as open (give it back
         with :meth:`release`); WAIT when every eligible target is at its
         hard limit; None when every target was tried."""
-        untried = [h for h in self._health.values() if h.target not in tried]
+        # A stopped machine (SPEC 10) is no candidate at all, even when
+        # every target is down: its start is rawproxy.autostart's business.
+        untried = [h for h in self._health.values()
+                   if h.target not in tried and not h.stopped]
         if self._limits is None:
             return self._take(self._choose(untried, now))
         with self._counters.lock:
@@ -187,6 +193,12 @@ class Balancer:
             if self._on_change is not None:
                 self._on_change(target.address, 0.0)
 
+    def set_stopped(self, target: Target, stopped: bool) -> None:
+        """Its machine stopped (skip it, as down) or runs again (SPEC 10)."""
+        health = self._health.get(target)
+        if health is not None:
+            health.stopped = stopped
+
     def apply_shared(self, address: str, down_until: float) -> None:
         """Another worker's passive verdict on ``address``: down until
         ``down_until`` (the later of theirs and ours wins), or up (0.0)."""
@@ -230,11 +242,13 @@ class Route:
     """An app, the balancing state of its targets and its counters; ``slot``
     counts the app's open connections in ``counters``."""
 
-    __slots__ = ("app", "balancer", "stats", "counters", "slot")
+    __slots__ = ("app", "balancer", "stats", "counters", "slot", "machines")
 
     def __init__(self, app: App, balancer: Balancer, stats: AppStats,
-                 counters: Optional[Counters] = None) -> None:
+                 counters: Optional[Counters] = None,
+                 machines: Optional[MachineSet] = None) -> None:
         self.app = app
+        self.machines = machines  # the app's Machines state (SPEC 10), if it has the key
         self.balancer = balancer
         self.stats = stats
         self.counters = counters or SharedCounters().worker(0)
@@ -265,7 +279,9 @@ class Router:
                                 active_checks=app.health_check is not None,
                                 counters=counts, app_name=app.name, limits=limits,
                                 least_connections=app.balance == BALANCE_LEAST_CONNECTIONS)
-            return Route(app, balancer, stats.app(app.name), counts)
+            machines = (None if app.machines is None
+                        else MachineSet(app.machines, app.targets, rng))
+            return Route(app, balancer, stats.app(app.name), counts, machines)
 
         try:
             self.routes: dict[str, Route] = {app.name: make_route(app) for app in config.apps}
@@ -276,6 +292,11 @@ class Router:
                 old = previous.routes.get(name)
                 if old is not None:
                     route.balancer.adopt(old.balancer)
+                    if route.machines is not None and old.machines is not None:
+                        route.machines.adopt(old.machines)
+                    elif route.machines is None:  # Machines removed: nothing starts them
+                        for health in route.balancer.healths():
+                            health.stopped = False
         self._by_port: dict[int, Route] = {
             port: self.routes[app.name] for app in config.apps for port in app.ports
         }

@@ -52,6 +52,7 @@ from .pipes import PipePool
 from .resolver import Resolver
 from .ringbuf import BufferPool
 from .router import Router
+from .autostart import Autostart
 from .session import Session, SessionContext
 from .stats import Stats
 from .waitqueue import WaitQueues
@@ -108,6 +109,8 @@ class Server:
                                    self._on_session_closed, half_open_timeout_s,
                                    PipePool(buffer_bytes) if splice else None,
                                    self._pause_accepting, self.queues)
+        self._ctx.machines = self.autostart = Autostart(  # Machines (SPEC 10)
+            loop, resolver, lambda: self.router, counters)
         self._session_class: type[Session[Any]] = SpliceSession if splice else CopySession
         self._trim_timer: Optional[Timer] = None
         self.sessions: set[Session[Any]] = set()
@@ -129,6 +132,7 @@ class Server:
             self.listeners.add(listener)
         self.listeners.restore_reserve()
         self._health.start(self.router)
+        self.autostart.start_ticking()
         self.admission.start(self._on_wake)
         log.info("ready: %d ports for %d apps on %s", len(self.listeners),
                  len(self.config.apps), self.listen_host)
@@ -368,6 +372,7 @@ class Server:
         self.listeners.close()
         self.admission.close()
         self._health.stop()
+        self.autostart.close()
         if self._ctx.pipes is not None:
             self._ctx.pipes.close()
         self.close_sessions(outcomes.SHUTDOWN)

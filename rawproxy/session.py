@@ -15,7 +15,9 @@ of the client is watched for, so it costs no backend connect.  WAITING
 ``HardLimit``, so the session waits in the app's queue
 (:mod:`rawproxy.waitqueue`), its client unread, until a slot frees
 (``resume``: failover goes on from the targets not yet tried) or
-``QueueTimeout`` passes (``end=queue-timeout``).  The connection counted
+``QueueTimeout`` passes (``end=queue-timeout``).  When every target failed
+on an app with ``Machines``, it waits likewise for a machine to start
+(:mod:`rawproxy.autostart`: ``machine_ready`` or ``close``).  The connection counted
 to a target (:meth:`~rawproxy.router.Balancer.acquire`) is given back when
 its connect fails or the session closes, and the queue is told.
 
@@ -40,7 +42,7 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from typing import Any, Callable, Generic, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
 
 from . import netio, outcomes, proxyproto
 from .balance import Verdict
@@ -53,6 +55,9 @@ from .resolver import Resolver
 from .ringbuf import BufferPool
 from .router import Route
 from .waitqueue import WaitQueues
+
+if TYPE_CHECKING:  # autostart imports router and connect, as this module does
+    from .autostart import Autostart
 
 log = logging.getLogger("rawproxy.session")
 
@@ -69,7 +74,7 @@ class SessionContext:
     """What every session of a server shares (one object, not globals)."""
 
     __slots__ = ("loop", "resolver", "pool", "pipes", "on_closed", "half_open_timeout_s",
-                 "on_no_resources", "queues")
+                 "on_no_resources", "queues", "machines")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
                  on_closed: Callable[[Session[Any]], None],
@@ -81,6 +86,8 @@ class SessionContext:
         self.queues = (queues if queues is not None
                        else WaitQueues(loop.time, loop.call_later, loop.call_soon))
         self.on_no_resources = on_no_resources  # the server pauses accepting
+        # Starts machines for apps with Machines (SPEC 10); the server sets it.
+        self.machines: Optional[Autostart] = None
         self.loop = loop
         self.resolver = resolver
         self.pool = pool
@@ -100,6 +107,7 @@ class Session(Generic[B]):
         "target", "_target_sock", "_tried", "_last_error", "_connector",
         "_idle_timer", "relay", "started_at", "last_active",
         "end", "end_detail", "_client_fd", "_target_fd", "_steady", "_counted",
+        "_machine_waited",
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
@@ -116,6 +124,7 @@ class Session(Generic[B]):
         self._target_fd = -1
         self._tried: list[Target] = []
         self._counted: Optional[Target] = None  # acquire() counted it: give it back
+        self._machine_waited = False  # waited for a machine start once already
         self._last_error = ""
         self._connector: Optional[Connector] = None
         self._idle_timer: Optional[Timer] = None
@@ -142,7 +151,8 @@ class Session(Generic[B]):
     def _try_next_target(self) -> None:
         target = self.route.balancer.acquire(self._ctx.loop.time(), self._tried)
         if target is None:
-            self.close(outcomes.CONNECT_FAILED, reset=False, detail=self._last_error)
+            if not self._wait_for_machine():
+                self.close(outcomes.CONNECT_FAILED, reset=False, detail=self._last_error)
             return
         if target is Verdict.WAIT:
             self._wait()
@@ -169,6 +179,21 @@ class Session(Generic[B]):
         if self.state is State.CONNECTING and self._connector is None:
             self._try_next_target()
 
+    def _wait_for_machine(self) -> bool:
+        """Every target failed: on an app with Machines, wait (once) for one
+        to start, the client still unread (SPEC 10; rawproxy.autostart)."""
+        machines = self._ctx.machines
+        if machines is None or self.route.machines is None or self._machine_waited:
+            return False
+        self._machine_waited = True
+        return machines.wait(self.route, self)
+
+    def machine_ready(self) -> None:
+        """A machine of the app accepts now: try the targets again."""
+        if self.state is State.CONNECTING and self._connector is None:
+            self._tried.clear()
+            self._try_next_target()
+
     def queue_timed_out(self, waited_s: float) -> None:
         self.close(outcomes.QUEUE_TIMEOUT, reset=False,
                    detail=f"no free slot in {waited_s:.3g}s: every target at its HardLimit")
@@ -192,6 +217,8 @@ class Session(Generic[B]):
         assert target is not None
         self.route.balancer.record_failure(target, self._ctx.loop.time(), reason)
         self.route.stats.target(target.address).failed(reason)
+        if reason == outcomes.REFUSED and self._ctx.machines is not None:
+            self._ctx.machines.note_refused(self.route, target.address)
         log.warning("app %s: target %s: connect failed: %s (client %s)",
                     self.route.app.name, target.address, detail, self.client_addr)
         self._try_next_target()

@@ -21,6 +21,11 @@ CONNECT_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 # and QueueTimeout (default 5 s) ends the wait.
 QUEUE_WAIT_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                         1.0, 2.5, 5.0, 10.0, 30.0)
+# How long a client waited for a machine to start (SPEC 10): a machine
+# that is a process listens within milliseconds, a VM within seconds, and
+# StartTimeout (default 10 s) ends the wait.
+START_WAIT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                        10.0, 30.0)
 
 
 class Histogram:
@@ -65,7 +70,8 @@ class TargetStats:
 
 class AppStats:
     __slots__ = ("accepted", "denied", "client_limited", "closed", "bytes_in", "bytes_out",
-                 "ends", "targets", "queue_wait")
+                 "ends", "targets", "queue_wait", "machine_starts", "machine_stops",
+                 "start_wait")
 
     def __init__(self) -> None:
         self.accepted = 0
@@ -77,6 +83,11 @@ class AppStats:
         self.ends: dict[str, int] = {}
         self.targets: dict[str, TargetStats] = {}
         self.queue_wait = Histogram(QUEUE_WAIT_BUCKETS_S)  # each wait for a slot, however it ended
+        # Machine starts and stops by result ("ok", "failed", "timeout"), and
+        # each client's wait for a start, however it ended (SPEC 10).
+        self.machine_starts: dict[str, int] = {}
+        self.machine_stops: dict[str, int] = {}
+        self.start_wait = Histogram(START_WAIT_BUCKETS_S)
 
     def target(self, address: str) -> TargetStats:
         stats = self.targets.get(address)

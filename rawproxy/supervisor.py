@@ -1,8 +1,7 @@
 """``--workers N``: N proxy processes, one event loop each, one supervisor.
 
-Each worker is a single-process proxy on ``SO_REUSEPORT`` listeners (the
-GIL makes threads useless).  The supervisor serves no traffic and never
-blocks its own loop.  It:
+Each worker is a single-process proxy on ``SO_REUSEPORT`` listeners
+(forked by ``workerproc``).  The supervisor serves no traffic and never blocks its loop:
 
 * starts worker 0, then the others once it listens: a port that cannot be
   bound is reported once (exit 1);
@@ -42,10 +41,11 @@ from typing import Callable, Optional
 
 from .admin import AdminServer
 from .adminsock import AdminAddress, open_listener, remove_socket_file, socket_identity
-from .control import Answers, WorkerLink, ask_all
+from .control import Answers, WorkerLink, ask_all, collect_listeners
 from .lifecycle import Lifecycle
-from .loop import EventLoop, Timer
+from .loop import EventLoop
 from .metricsmerge import SupervisorViews
+from .workerproc import WorkerSlot, fork_worker
 
 log = logging.getLogger("rawproxy.supervisor")
 
@@ -54,34 +54,12 @@ READY_TIMEOUT_S = 15.0
 RESTART_MIN_S = 1.0
 RESTART_MAX_S = 30.0
 
-# Relayed as events: a worker ignores them from anyone else (SIGUSR2, the
-# upgrade, is the supervisor's alone).
-_RELAYED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2)
-
 # What a worker runs, given by the CLI (never imported here): (index, its end
 # of the control socketpair, the last config a worker accepted) -> status.
 WorkerMain = Callable[[int, socket.socket, Optional[str]], int]
 # Starts a worker and returns its pid, or raises OSError: by default a fork
 # that runs WorkerMain; a seam for tests.
 StartProcess = Callable[[int, socket.socket], int]
-
-
-class _Worker:
-    __slots__ = ("index", "pid", "link", "ready", "started_at", "restart_delay_s", "timer")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.pid = 0
-        self.link: Optional[WorkerLink] = None
-        self.ready = False
-        self.started_at = 0.0
-        self.restart_delay_s = RESTART_MIN_S
-        self.timer: Optional[Timer] = None  # the ready deadline, or the restart
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
 
 
 class Supervisor:
@@ -98,7 +76,7 @@ class Supervisor:
         self._on_worker_exit = on_worker_exit
         self._worker_main = worker_main
         self._start_process = start_process or self._fork
-        self._workers = [_Worker(index) for index in range(count)]
+        self._workers = [WorkerSlot(index, RESTART_MIN_S) for index in range(count)]
         self._admin_address = admin_address
         self._admin_token = admin_token
         self._admin_sock: Optional[socket.socket] = None
@@ -150,9 +128,7 @@ class Supervisor:
         self._life.enable_upgrade(self._loop, self._collect_sockets, self._handed_over,
                                   self._upgrade_refusal)
 
-    # -- starting workers -------------------------------------------------------
-
-    def _start(self, worker: _Worker) -> None:
+    def _start(self, worker: WorkerSlot) -> None:
         ours, theirs = socket.socketpair()
         self._attach(worker, ours)
         worker.started_at = time.monotonic()
@@ -167,56 +143,33 @@ class Supervisor:
         log.info("worker %d started (pid %d)", worker.index, worker.pid)
         worker.timer = self._loop.call_later(READY_TIMEOUT_S, lambda: self._not_ready(worker))
 
-    def _attach(self, worker: _Worker, sock: socket.socket) -> None:
+    def _attach(self, worker: WorkerSlot, sock: socket.socket) -> None:
         worker.link = WorkerLink(self._loop, sock, functools.partial(self._on_event, worker),
                                  functools.partial(self._on_channel_closed, worker))
 
     def _fork(self, index: int, control: socket.socket) -> int:
-        sys.stderr.flush()
-        # Blocked across the fork: the child must not run the supervisor's
-        # handlers, which would wake its loop through the socket they share.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _RELAYED + (signal.SIGCHLD,))
-        try:
-            pid = os.fork()
-            if pid == 0:
-                self._become_worker(index, control, mask)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return pid
+        return fork_worker(index, functools.partial(self._forget_parent, index),
+                           lambda: self._worker_main(index, control, self._accepted_config))
 
-    def _become_worker(self, index: int, control: socket.socket, mask: set[int]) -> None:
-        code = 1
-        try:
-            if self._admin is not None:
-                self._admin.close_after_fork()
-            elif self._admin_sock is not None:
-                self._admin_sock.close()
-            self._loop.close_after_fork()
-            self._life.after_fork(index)  # this worker's part of the inherited sockets
-            for other in self._workers:
-                if other.link is not None:
-                    other.link.channel.sock.close()  # the loop is the parent's: no unwatch
-            for signum in _RELAYED:
-                signal.signal(signum, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            code = self._worker_main(index, control, self._accepted_config)
-        except BaseException:
-            log.exception("worker %d crashed", index)
-        finally:
-            # os._exit skips the handlers' close: flush queued log lines.
-            for handler in logging.getLogger("rawproxy").handlers:
-                handler.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
+    def _forget_parent(self, index: int) -> None:
+        """In a new worker: drop the supervisor's sockets and loop."""
+        if self._admin is not None:
+            self._admin.close_after_fork()
+        elif self._admin_sock is not None:
+            self._admin_sock.close()
+        self._loop.close_after_fork()
+        self._life.after_fork(index)  # this worker's part of the inherited sockets
+        for other in self._workers:
+            if other.link is not None:
+                other.link.channel.sock.close()  # the loop is the parent's: no unwatch
 
-    def _not_ready(self, worker: _Worker) -> None:
+    def _not_ready(self, worker: WorkerSlot) -> None:
         worker.timer = None
         log.error("worker %d not ready after %.0fs: killing it", worker.index, READY_TIMEOUT_S)
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)  # its exit is handled as any other
 
-    def _on_ready(self, worker: _Worker) -> None:
+    def _on_ready(self, worker: WorkerSlot) -> None:
         worker.cancel_timer()
         worker.ready = True
         if worker.index != self._launching:  # a restarted one
@@ -233,8 +186,6 @@ class Supervisor:
                 self._admin.start()
             log.info("supervising %d workers", len(self._workers))
             self._life.serving(workers=len(self._workers))
-
-    # -- stopping and restarting ------------------------------------------------
 
     def stop(self) -> None:
         """Drain every worker (SIGTERM/SIGINT); called again, they exit at once."""
@@ -264,7 +215,7 @@ class Supervisor:
         if self._stopping and not any(worker.pid for worker in self._workers):
             self._loop.stop()
 
-    def _on_exit(self, worker: _Worker, code: int) -> None:
+    def _on_exit(self, worker: WorkerSlot, code: int) -> None:
         worker.pid = 0
         self._detach(worker)
         worker.cancel_timer()
@@ -273,7 +224,7 @@ class Supervisor:
             self._on_failure(worker, f"exited unexpectedly (status {code})",
                              code if code > 0 else 1)
 
-    def _on_failure(self, worker: _Worker, what: str, code: int = 1) -> None:
+    def _on_failure(self, worker: WorkerSlot, what: str, code: int = 1) -> None:
         if worker.index == self._launching:  # a port that cannot be bound, say
             log.error("worker %d %s", worker.index, what)
             self._exit_code = code
@@ -303,23 +254,10 @@ class Supervisor:
 
     def _collect_sockets(self, deliver: Callable[[list[int], Optional[str]], None]) -> None:
         """Every ready worker's listening sockets, then the admin socket."""
-        links = [worker.link if worker.ready else None for worker in self._workers]
-        received: dict[int, list[int]] = {}
-
-        def answered(answers: Answers) -> None:
-            fds = [fd for index in sorted(received) for fd in received[index]]
-            silent = [str(index) for index, link in enumerate(links)
-                      if link is not None and answers[index] != str(len(received.get(index, [])))]
-            admin = [self._admin_sock.fileno()] if self._admin_sock is not None else []
-            try:
-                deliver(fds + admin, f"worker {', '.join(silent)} did not hand over its "
-                        "sockets" if silent else None)
-            finally:  # the new process has its copies now, if it started
-                for fd in fds:
-                    os.close(fd)
-
-        ask_all(self._loop, links, "listeners", CONTROL_TIMEOUT_S, answered,
-                lambda index, fds: received.setdefault(index, []).extend(fds))
+        admin = [self._admin_sock.fileno()] if self._admin_sock is not None else []
+        collect_listeners(self._loop, [worker.link if worker.ready else None
+                                       for worker in self._workers],
+                          admin, CONTROL_TIMEOUT_S, deliver)
 
     def _handed_over(self) -> None:
         """The new supervisor's workers all serve: ours drain, then we exit 0."""
@@ -331,18 +269,16 @@ class Supervisor:
         self._admin_sock = None
         self.stop()
 
-    # -- the control channels ------------------------------------------------------
-
-    def _detach(self, worker: _Worker) -> None:
+    def _detach(self, worker: WorkerSlot) -> None:
         worker.ready = False
         if worker.link is not None:
             worker.link.close()  # whoever waits for an answer gets None
             worker.link = None
 
-    def _on_channel_closed(self, worker: _Worker) -> None:
+    def _on_channel_closed(self, worker: WorkerSlot) -> None:
         worker.ready = False  # it is exiting; or, orphaned by a bad frame, it drains
 
-    def _on_event(self, worker: _Worker, body: str) -> None:
+    def _on_event(self, worker: WorkerSlot, body: str) -> None:
         kind, _, payload = body.partition(" ")
         if kind == "ready":
             self._on_ready(worker)

@@ -11,7 +11,7 @@ worker), so nothing here is on the relay path.
   each app being :func:`rawproxy.config.app_view` (exactly what the config
   file would say) plus one key, ``"Status"``: ``{"ActiveConnections": n,
   "QueueLength": n, "Targets": [{"Address", "Up", "ConsecutiveFailures",
-  "LastFailure", "HealthCheckFailing", "OpenConnections"}]}`` (counts of
+  "LastFailure", "HealthCheckFailing", "OpenConnections", "State"}]}`` (counts of
   this process: under ``--workers``, of this worker).  Dropping ``"Status"`` from every app leaves a
   document ``parse_config`` accepts and that gives the running config back.
 """
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from .config import app_view
 from .metrics import Snapshot, TargetView
-from .router import Route
+from .machines import State as MachineState
+from .router import Route, TargetHealth
 from .server import Server
 
 
@@ -34,7 +35,8 @@ def metrics_snapshot(server: Server) -> Snapshot:
     now = server.loop.time()
     targets = {
         name: [TargetView(h.target.address, not h.is_down(now), h.consecutive_failures,
-                          route.balancer.open_connections(h.target))
+                          route.balancer.open_connections(h.target),
+                          target_state(route, h, now))
                for h in route.balancer.healths()]
         for name, route in server.router.routes.items()
     }
@@ -71,5 +73,15 @@ def app_status(route: Route, active: int, now: float, queued: int = 0) -> dict[s
             "LastFailure": h.last_failure or None,
             "HealthCheckFailing": h.check_failed,
             "OpenConnections": route.balancer.open_connections(h.target),
+            "State": target_state(route, h, now),
         } for h in route.balancer.healths()],
     }
+
+
+def target_state(route: Route, health: TargetHealth, now: float) -> str:
+    """``up``, ``down``, ``starting`` or ``stopped`` (SPEC 10): a machine
+    that is not running says so; otherwise health decides."""
+    machine = None if route.machines is None else route.machines.get(health.target.address)
+    if machine is not None and machine.state is not MachineState.UP:
+        return machine.shown
+    return "down" if health.is_down(now) else "up"

@@ -208,3 +208,17 @@ def test_hostile_option_values_are_usage_errors(args: list[str], fragment: str) 
 def test_admin_accepts_ip_literals(value: str) -> None:
     result = run_cli("--check", "--admin", value, "--listen-host", "::")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--user", "no-such-user-rawproxy"], "--user: no such user 'no-such-user-rawproxy'"),
+    (["--group", "no-such-group-rawproxy"], "--group: no such group"),
+    (["--etcd-prefix", "/other/"], "--etcd-prefix needs --etcd"),
+    (["--etcd-cache", "cache.json"], "--etcd-cache needs --etcd"),
+    (["--etcd-user", "u", "--etcd-password-file", "p"], "--etcd-user needs --etcd"),
+    (["--etcd-timeout", "2"], "--etcd-timeout needs --etcd"),
+])
+def test_check_validates_identity_and_etcd_options(args: list[str], fragment: str) -> None:
+    result = run_cli("--check", *args)
+    assert result.returncode == 2, result.stdout
+    assert_one_line_error(result.stderr, fragment)

@@ -240,7 +240,8 @@ def test_healthz_config_and_draining(proxies: ProxyFactory, backend: BackendFact
     assert app["Name"] == "a" and app["Targets"] == [{"Address": live.address, "Weight": 1}]
     assert app["Status"] == {"ActiveConnections": 0, "QueueLength": 0, "Targets": [{
         "Address": live.address, "Up": True, "ConsecutiveFailures": 0,
-        "LastFailure": None, "HealthCheckFailing": False, "OpenConnections": 0}]}
+        "LastFailure": None, "HealthCheckFailing": False, "OpenConnections": 0,
+        "State": "up"}]}
     with connect(ports["a"][0]) as sock:
         sock.sendall(b"x")
         assert recv_exactly(sock, 1) == b"x"

@@ -321,3 +321,48 @@ def test_the_page_fits_a_phone(proxies: ProxyFactory, backend: BackendFactory,
     # Nothing wider than the screen: no sideways scrolling on a phone.
     width = page.execute_script("return document.documentElement.scrollWidth;")
     assert width <= PHONE[0]
+
+
+NAMES_JS = """
+return {apps: Array.from(document.querySelectorAll("section.app")).map(
+          (s) => [s.dataset.app, s.querySelector(".name").textContent,
+                  Array.from(s.querySelectorAll("tr[data-target]")).map(
+                    (r) => [r.dataset.target, r.dataset.state])]),
+        images: document.querySelectorAll("#apps img").length,
+        updates: Number(document.body.dataset.updates)};
+"""
+
+
+def test_app_names_that_are_object_keys_or_markup_render_as_text(
+        proxies: ProxyFactory, backend: BackendFactory, page: WebDriver) -> None:
+    live = backend("echo")
+    names = ["__proto__", "constructor", "toString", "<img src=x onerror=alert(1)>"]
+    apps = [{"Name": name, "Ports": 1, "Targets": [live.address]} for name in names]
+    proxy, _ = proxies.start(apps, "--admin", f"{HOST}:0")
+    page.get(f"http://{HOST}:{admin_port(proxy)}/")
+    seen: list[Any] = []
+
+    def shown() -> bool:
+        seen[:] = [page.execute_script(NAMES_JS)]
+        return bool(seen[0]["updates"] >= 1 and len(seen[0]["apps"]) == len(names))
+
+    wait_until(shown, timeout_s=PAGE_WAIT_S, interval_s=0.05,
+               message="every app on the page")
+    assert seen[0]["images"] == 0
+    assert seen[0]["apps"] == [[name, name, [[live.address, "up"]]] for name in names]
+
+
+def test_a_malformed_token_link_still_leaves_the_form_working(
+        proxies: ProxyFactory, backend: BackendFactory, page: WebDriver,
+        tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    token_file = tmp_path / "token"
+    token_file.write_text("the-token\n")
+    proxy, _ = proxies.start([{"Name": "web", "Ports": 1, "Targets": [backend().address]}],
+                             "--admin", f"{HOST}:0", "--admin-token-file", str(token_file))
+    page.get(f"http://{HOST}:{admin_port(proxy)}/#token=%")
+    page.find_element(By.ID, "token").send_keys("wrong")
+    page.find_element(By.ID, "open").click()
+    wait_until(lambda: "not accepted" in page.find_element(By.ID, "message").text,
+               timeout_s=PAGE_WAIT_S, message="the form to ask the endpoint")

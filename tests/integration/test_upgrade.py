@@ -75,6 +75,17 @@ class Proc:
         with self._lock:
             return sum(1 for line in self.lines if regex.search(line))
 
+    def wait_for_count(self, pattern: str, count: int,
+                       timeout_s: float = START_TIMEOUT_S) -> int:
+        """How many lines match once ``count`` have (or the time is up):
+        each worker logs for itself, and a late one's lines come later."""
+        try:
+            wait_until(lambda: self.count_lines(pattern) >= count, timeout_s,
+                       interval_s=0.02, message=repr(pattern))
+        except AssertionError:
+            pass  # the caller's assertion shows what was counted
+        return self.count_lines(pattern)
+
     def wait_for_line(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> str:
         regex = re.compile(pattern)
         found: list[str] = []
@@ -539,11 +550,13 @@ def test_socket_activation_serves_the_sockets_systemd_passed(trees: list[Tree], 
                 sock.sendall(b"%d" % index)
                 sock.shutdown(socket.SHUT_WR)
                 assert recv_until_eof(sock) == b"%d" % index
-        assert tree.proc.count_lines(r"systemd passed 3 sockets") == 1
-        assert tree.proc.count_lines(rf"port {port}: serving the inherited socket") == workers
-        assert tree.proc.count_lines(r"descriptor 5 is not a socket") == 1
-        assert tree.proc.count_lines(r"closing the inherited socket on 127\.0\.0\.1:"
-                                     rf"{unused.getsockname()[1]}") == workers
+        proc = tree.proc
+        assert proc.wait_for_count(r"systemd passed 3 sockets", 1) == 1
+        assert proc.wait_for_count(rf"port {port}: serving the inherited socket",
+                                   workers) == workers
+        assert proc.wait_for_count(r"descriptor 5 is not a socket", 1) == 1
+        assert proc.wait_for_count(r"closing the inherited socket on 127\.0\.0\.1:"
+                                   rf"{unused.getsockname()[1]}", workers) == workers
         inode = os.fstat(served.fileno()).st_ino
         assert os.stat(f"/proc/{tree.first_pid}/fd/3").st_ino == inode
         assert tree.stop(tree.first_pid) == 0

@@ -60,10 +60,14 @@ def test_two_workers_share_the_ports_and_the_metrics(proxies: ProxyFactory,
     for index in range(200):
         assert echo(ports["a"][index % 2], b"%d" % index) == b"%d" % index
     accepted: dict[str, float] = {}
+    slots: dict[str, float] = {}
     for family in text_string_to_metric_families(get(admin, "/metrics")):
         for sample in family.samples:
             if sample.name == "rawproxy_connections_accepted_total":
                 accepted[sample.labels["worker"]] = sample.value
+            if sample.name == "rawproxy_counter_slots_used":
+                slots[sample.labels["worker"]] = sample.value
+    assert slots == {"0": 2, "1": 2}  # one block: the app and its target
     assert set(accepted) == {"0", "1"}
     assert sum(accepted.values()) == 200
     assert min(accepted.values()) > 0, f"one worker took every connection: {accepted}"
@@ -269,3 +273,43 @@ def test_metrics_answer_within_one_deadline_when_workers_are_stuck(
                for family in text_string_to_metric_families(text)
                for sample in family.samples if "worker" in sample.labels}
     assert workers == {"0", "2"}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_workers_at_max_connections_sleep_while_clients_wait(
+        proxies: ProxyFactory, backend: BackendFactory) -> None:
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "MaxConnections": 1,
+                                   "Targets": [backend().address]}], "--workers", "2")
+    wait_until(lambda: len(worker_pids(proxy)) == 2)
+    wait_until(lambda: proxy.count_lines("supervising 2 workers") == 1)
+    port = ports["a"][0]
+    held = connect(port)
+    held.sendall(b"held")
+    assert recv_exactly(held, 4) == b"held"
+    waiting = [connect(port) for _ in range(20)]
+    try:
+        for sock in waiting:
+            sock.sendall(b"w")
+        pids = list(worker_pids(proxy).values())
+        before = _cpu_seconds(pids)
+        time.sleep(2.0)  # a measuring window, not a wait for a condition
+        spent = _cpu_seconds(pids) - before
+        assert spent < 0.3, f"workers spun while clients waited: {spent:.2f} CPU-s in 2 s"
+        for sock in waiting:  # each is done as soon as it is served
+            sock.shutdown(socket.SHUT_WR)
+        held.close()
+        for sock in waiting:  # served one at a time as slots free
+            assert recv_until_eof(sock) == b"w"
+            sock.close()
+    finally:
+        held.close()
+        for sock in waiting:
+            sock.close()

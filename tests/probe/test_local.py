@@ -63,8 +63,8 @@ def test_make_probe_passes_on_the_shipped_config() -> None:
     ports = [p for app in config["Apps"] for p in app["Ports"]]
     assert sorted(map(int, report["port_map"])) == sorted(ports)
     assert len(set(report["port_map"].values())) == len(ports)
-    assert len(report["phases"]) == 2
-    for phase in report["phases"]:
+    assert len(report["phases"]) == 3
+    for phase in report["phases"][:2]:
         assert [p["port"] for p in phase["ports"]] == ports
         assert all(p["passed"] and p["connections"] == 4 for p in phase["ports"])
         assert all(p["bytes_verified"] > 1 << 20 for p in phase["ports"])
@@ -79,7 +79,11 @@ def test_make_probe_passes_on_the_shipped_config() -> None:
         assert sum(row["counts"][1] for row in rows if row["state"] == "up") == 4 * len(
             app["Ports"])
     assert [(c["name"], c["passed"]) for c in report["checks"]] == [
-        ("isolation", True), ("failover", True), ("proxy", True)]
+        ("isolation", True), ("failover", True), ("autostart", True), ("proxy", True)]
+    # Phase 3: the autostart app, whose machine the first connection started.
+    [autostart] = report["phases"][2]["ports"]
+    assert autostart["app"] == "probe-autostart" and autostart["passed"]
+    assert "1 Start hook call" in report["phases"][2]["title"]
 
 
 def test_local_mode_keeps_optional_keys_and_resolves_no_name(

@@ -382,6 +382,35 @@ def test_clients_over_the_cap_are_refused_while_every_slot_is_busy(
         admin_server.close()
 
 
+def test_clients_that_never_read_their_answer_do_not_lock_out_a_probe(
+        loop: EventLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every slot writing to a client that does not read: the oldest of
+    them makes room for a /healthz probe (it is not refused)."""
+    monkeypatch.setattr(admin, "MAX_CLIENTS", 2)
+    big = AdminHandlers(lambda: False, lambda: "x" * (32 << 20), lambda: {})
+    admin_server = AdminServer(loop, big, AdminAddress(HOST, 0))
+    admin_server.start()
+    stuck = [Client(admin_server.port), Client(admin_server.port)]
+    probe: Optional[Client] = None
+    try:
+        for client in stuck:
+            client.send(b"GET /metrics HTTP/1.1\r\n\r\n")
+        drive(loop, lambda: len(admin_server.connections) == 2 and all(
+            conn.phase.value == "writing" for conn in admin_server.connections),
+            "both answers to stall")
+        probe = Client(admin_server.port)
+        probe.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+        drive(loop, probe.at_eof, "the probe's answer")
+        assert probe.data.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert len(admin_server.connections) <= 2
+    finally:
+        for client in stuck:
+            client.close()
+        if probe is not None:
+            probe.close()
+        admin_server.close()
+
+
 def test_close_releases_every_descriptor(
         loop: EventLoop, views: Views, clients: Callable[[], Client]) -> None:
     before = loop.watched_count

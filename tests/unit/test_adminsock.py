@@ -81,6 +81,18 @@ def test_umask_is_restored_after_bind(short_dir: Path) -> None:
         os.umask(before)
 
 
+def test_the_socket_file_is_never_chmodded_by_path(short_dir: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chmod by path after bind follows a symlink swapped in meanwhile:
+    the mode comes from the umask alone."""
+    calls: list[object] = []
+    monkeypatch.setattr(os, "chmod", lambda *args, **kwargs: calls.append(args))
+    sock = open_listener(AdminAddress(path=str(short_dir / "a.sock")))
+    sock.close()
+    assert calls == []
+    assert stat.S_IMODE(os.stat(short_dir / "a.sock").st_mode) == 0o600
+
+
 def test_a_stale_socket_file_is_replaced(short_dir: Path) -> None:
     path = str(short_dir / "admin.sock")
     dead = socket.socket(socket.AF_UNIX)

@@ -209,7 +209,7 @@ THREE_APPS_BAD_PORT = {"Apps": [
 
 APP_KEYS = ("Name, Ports, Targets, ConnectTimeout, IdleTimeout, MaxConnections, "
             "ProxyProtocol, HealthCheck, AllowFrom, PerClient, Concurrency, QueueTimeout, "
-            "Balance")
+            "Balance, Machines")
 
 BAD_CONFIGS: list[tuple[str, object, str]] = [
     ("spec-example", THREE_APPS_BAD_PORT,
@@ -252,6 +252,8 @@ BAD_CONFIGS: list[tuple[str, object, str]] = [
     ("target-empty-host", one_app(Targets=[":80"]), '":80": "" is not a host name or IP address'),
     ("target-numeric-name", one_app(Targets=["10.1:80"]), '"10.1" is not a host name or IP address'),
     ("target-bad-ipv4", one_app(Targets=["1.2.3.256:80"]), '"1.2.3.256" is not a host name or IP address'),
+    ("target-hex-ipv4", one_app(Targets=["0x7f000001:80"]), '"0x7f000001" is not a host name or IP address'),
+    ("target-short-hex-ipv4", one_app(Targets=["127.0x1:80"]), '"127.0x1" is not a host name or IP address'),
     ("target-long-label", one_app(Targets=["a" * 64 + ".com:80"]), "is not a host name or IP address"),
     ("target-long-name", one_app(Targets=[".".join(["a" * 60] * 5) + ":80"]), "is not a host name or IP address"),
     ("target-brackets-v4", one_app(Targets=["[1.2.3.4]:80"]),
@@ -376,7 +378,7 @@ def test_unknown_key_lists_allowed_exactly() -> None:
     assert error_of(one_app(Target=["h:1"])) == (
         'config.json: Apps[0] "a": unknown key "Target" (allowed: Name, Ports, '
         "Targets, ConnectTimeout, IdleTimeout, MaxConnections, ProxyProtocol, "
-        "HealthCheck, AllowFrom, PerClient, Concurrency, QueueTimeout, Balance)")
+        "HealthCheck, AllowFrom, PerClient, Concurrency, QueueTimeout, Balance, Machines)")
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -475,7 +477,8 @@ APP_KEY_NAMES = st.sampled_from(
     ["Name", "Ports", "Targets", "ConnectTimeout", "IdleTimeout", "MaxConnections",
      "ProxyProtocol", "HealthCheck", "AllowFrom", "Address", "Weight", "Interval",
      "Timeout", "Apps", "Target", "PerClient", "Rate", "Concurrency", "SoftLimit",
-     "HardLimit", "QueueTimeout", "Balance"])
+     "HardLimit", "QueueTimeout", "Balance", "Machines", "Start", "Stop", "URL", "Command",
+     "StartTimeout", "StopAfter", "MinRunning"])
 
 
 def assert_config_or_error(text: Union[str, bytes]) -> None:

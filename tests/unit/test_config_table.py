@@ -22,7 +22,7 @@ CONFIG_MODULES = [Path(config.__file__).with_name(name)
                   for name in ("config.py", "configschema.py", "jsontext.py")]
 APP_KEYS = ["Name", "Ports", "Targets", "ConnectTimeout", "IdleTimeout",
             "MaxConnections", "ProxyProtocol", "HealthCheck", "AllowFrom", "PerClient",
-            "Concurrency", "QueueTimeout", "Balance"]
+            "Concurrency", "QueueTimeout", "Balance", "Machines"]
 NESTED_KEYS = ["Apps", "Address", "Weight", "Interval", "Timeout", "SoftLimit", "HardLimit"]
 
 

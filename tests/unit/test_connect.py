@@ -219,3 +219,73 @@ def test_where_events_are_not_exact_the_socket_is_asked(
         resolver.close()
     finally:
         loop.close()
+
+
+class Hanging:
+    """getaddrinfo where names starting "dead" hang until released; others answer."""
+
+    def __init__(self) -> None:
+        import threading
+        self.release = threading.Event()
+        self.started: list[str] = []
+
+    def __call__(self, host: str, port: int, *args: object,
+                 **kwargs: object) -> list[tuple[object, ...]]:
+        self.started.append(host)
+        if host.startswith("dead"):
+            self.release.wait(30)
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (HOST, port))]
+
+
+@pytest.fixture
+def hanging(loop: EventLoop) -> Iterator[tuple[Hanging, Resolver]]:
+    gai = Hanging()
+    resolver = Resolver(loop.call_soon_threadsafe, getaddrinfo=gai, workers=2)
+    yield gai, resolver
+    gai.release.set()
+    resolver.close()
+
+
+def test_a_lookup_still_queued_when_time_runs_out_is_our_shortage(
+        loop: EventLoop, hanging: tuple[Hanging, Resolver]) -> None:
+    """Two hanging names hold both resolver threads: a healthy name queued
+    behind them is not charged a timeout (#M defect 3); a name whose own
+    lookup is under way when its time runs out is."""
+    gai, resolver = hanging
+    holders = [Connector(loop, resolver, host, 80, 60.0, Report().connected, Report().failed)
+               for host in ("dead1.test", "dead2.test")]
+    for holder in holders:
+        holder.start()
+    # Both threads busy before the short budgets start: under load a thread
+    # may be scheduled late, and a late one would make this race.
+    drive(loop, lambda: len(gai.started) == 2, "both lookups under way")
+    queued, running = Report(), Report()
+    Connector(loop, resolver, "good.test", 80, 0.3, queued.connected, queued.failed).start()
+    Connector(loop, resolver, "dead1.test", 80, 0.3, running.connected, running.failed).start()
+    drive(loop, lambda: queued.done() and running.done(), "two reports")
+    assert sorted(gai.started) == ["dead1.test", "dead2.test"]
+    assert resolver.is_started("dead1.test", 80)
+    assert not resolver.is_started("good.test", 80)
+    assert queued.failure is not None and queued.failure[0] == outcomes.NO_RESOURCES
+    assert running.failure is not None and running.failure[0] == outcomes.TIMEOUT
+    for holder in holders:
+        holder.cancel()
+
+
+def test_a_connector_that_gave_up_withdraws_its_callback(
+        loop: EventLoop, hanging: tuple[Hanging, Resolver]) -> None:
+    _, resolver = hanging
+    reports = []
+    connectors = []
+    for budget_s in (0.1, 0.1, 30.0):
+        report = Report()
+        connector = Connector(loop, resolver, "dead.test", 80, budget_s,
+                              report.connected, report.failed)
+        connector.start()
+        reports.append(report)
+        connectors.append(connector)
+    drive(loop, lambda: reports[0].done() and reports[1].done(), "two timeouts")
+    assert len(resolver._waiting[("dead.test", 80)]) == 1  # only the live one's
+    connectors[2].cancel()
+    assert resolver._waiting[("dead.test", 80)] == []

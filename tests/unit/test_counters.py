@@ -131,6 +131,22 @@ def test_a_full_block_says_so(shared: Callable[..., SharedCounters]) -> None:
         counters.slot("web", "t:3")
 
 
+def test_a_block_nearly_full_warns_once(shared: Callable[..., SharedCounters],
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Slots are never given back (see the module doc): say so before the
+    reload that needs one more is rejected."""
+    block = shared(capacity=10)
+    counters = block.worker(0)
+    for index in range(8):
+        counters.slot("web", f"t:{index}")
+    assert not [r for r in caplog.records if r.name == "rawproxy.counters"]
+    for index in range(8, 10):
+        counters.slot("web", f"t:{index}")
+    warnings = [r.getMessage() for r in caplog.records if r.name == "rawproxy.counters"]
+    assert len(warnings) == 1 and "9 of 10" in warnings[0]
+    assert block.slots_used == 10
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError):
         SharedCounters(0)

@@ -22,6 +22,7 @@ from rawproxy.health import HealthChecks
 from rawproxy.loop import EventLoop
 from rawproxy.resolver import Resolver
 from rawproxy.router import Balancer, Router
+from tests.support import Blackhole
 
 HOST = "127.0.0.1"
 DEADLINE_S = 5.0
@@ -238,3 +239,25 @@ def test_a_shortage_of_our_own_gives_no_verdict(loop: EventLoop, sockets: Socket
         health_checks.stop()
         resolver.close()
     assert not router.routes["web"].balancer.healths()[0].check_failed
+
+
+def test_a_check_still_in_flight_is_not_started_again(
+        loop: EventLoop, checks: HealthChecks) -> None:
+    """Timeout > Interval: checks of a black hole must not pile up (one per target)."""
+    hole = Blackhole()
+    try:
+        router = Router(make_config([hole.port], interval_s=0.1, timeout_s=5.0),
+                        random.Random(1))
+        checks.start(router)
+        until = loop.now + 0.6  # six intervals
+        in_flight: list[int] = []
+
+        def rounds_done() -> bool:
+            in_flight.append(sum(1 for c in checks._checks if not c.done))
+            return loop.now >= until
+
+        drive(loop, rounds_done, "six intervals")
+        assert max(in_flight) == 1, f"checks piled up: {max(in_flight)} in flight"
+    finally:
+        checks.stop()
+        hole.close()

@@ -232,3 +232,23 @@ def test_log_throttle_lets_one_line_a_second_through_and_counts_the_rest() -> No
     assert not throttle.allow(clock.now)  # the held count is not reported yet
     assert throttle.take_held() == 3 and throttle.held == 0
     assert throttle.allow(clock.now)
+
+
+def _churn(limits: PerClientLimits, app: str, clients: int, first: int = 0) -> None:
+    for index in range(first, first + clients):
+        holder = (app, index)
+        assert limits.admit(app, (f"10.0.{index // 250}.{index % 250}", 1), holder) == ""
+        limits.release(holder)
+
+
+def test_the_idle_cap_is_shared_by_every_app() -> None:
+    limits = PerClientLimits(FakeClock(), max_idle=4)
+    limits.configure({name: (None, 0.01) for name in ("a", "b", "c")})
+    for app in ("a", "b", "c"):
+        _churn(limits, app, 3)
+    assert sum(len(table) for table in limits.tables.values()) <= 4
+    # A table that goes returns its share: the others may use the whole cap.
+    limits.configure({"a": (None, 0.01)})
+    _churn(limits, "a", 10, first=100)
+    assert len(limits.tables["a"]) == 4
+    assert limits.idle_budget.used == 4

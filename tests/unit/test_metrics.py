@@ -70,12 +70,14 @@ def build_stats() -> Stats:
 
 
 def build_snapshot(stats: Stats, draining: bool = True) -> Snapshot:
-    return Snapshot(stats, active={"web": 3}, live_bytes_in={"web": 24},
+    snap = Snapshot(stats, active={"web": 3}, live_bytes_in={"web": 24},
                     live_bytes_out={"web": 76},
                     targets={"web": [TargetView(WEB_TARGET, True, 0),
                                      TargetView(OTHER_TARGET, False, 3)],
                              "db": [TargetView("192.0.2.1:5432", True, 0)]},
                     draining=draining, log_lines_dropped=7)
+    snap.counter_slots_used = 12  # process-wide, filled in by the caller (cli)
+    return snap
 
 
 @pytest.fixture
@@ -107,6 +109,10 @@ def test_every_family_has_the_right_type(families: Dict[str, Metric]) -> None:
         "rawproxy_target_connections_active": "gauge",
         "rawproxy_queue_length": "gauge",
         "rawproxy_queue_wait_seconds": "histogram",
+        "rawproxy_target_state": "gauge",
+        "rawproxy_machine_starts": "counter",
+        "rawproxy_machine_stops": "counter",
+        "rawproxy_machine_start_wait_seconds": "histogram",
         "rawproxy_config_reloads": "counter",
         "rawproxy_config_last_reload_successful": "gauge",
         "rawproxy_config_revision": "gauge",  # the --etcd families: no sample without it
@@ -114,6 +120,7 @@ def test_every_family_has_the_right_type(families: Dict[str, Metric]) -> None:
         "rawproxy_etcd_watch_restarts": "counter",
         "rawproxy_draining": "gauge",
         "rawproxy_log_lines_dropped": "counter",
+        "rawproxy_counter_slots_used": "gauge",
         "rawproxy_process_start_time_seconds": "gauge",
     }
     assert all(family.documentation for family in families.values())
@@ -192,6 +199,8 @@ def test_process_wide_samples(families: Dict[str, Metric]) -> None:
     assert samples(families["rawproxy_draining"]) == {key("rawproxy_draining"): 1}
     assert samples(families["rawproxy_log_lines_dropped"]) == {
         key("rawproxy_log_lines_dropped_total"): 7}
+    assert samples(families["rawproxy_counter_slots_used"]) == {
+        key("rawproxy_counter_slots_used"): 12}
     assert samples(families["rawproxy_process_start_time_seconds"]) == {
         key("rawproxy_process_start_time_seconds"): 1_700_000_000.5}
 

@@ -159,6 +159,15 @@ def test_start_connect_to_closed_port_is_refused(refusing_port: int) -> None:
         sock.close()
 
 
+def test_no_local_port_left_is_our_shortage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EADDRNOTAVAIL from connect(): on Linux, the ephemeral ports are used
+    up here; the target did nothing wrong (not charged as unreachable)."""
+    monkeypatch.setattr(socket.socket, "connect_ex",
+                        lambda self, addr: errno.EADDRNOTAVAIL)
+    with pytest.raises(netio.LocalResourceError):
+        netio.start_connect(socket.AF_INET, (HOST, 9))
+
+
 def test_start_connect_then_finish_connect(listener: socket.socket) -> None:
     sock = netio.start_connect(socket.AF_INET, listener.getsockname())
     try:

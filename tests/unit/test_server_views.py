@@ -89,9 +89,11 @@ def test_status_shows_live_health_and_open_connections(server: Server,
     status = as_json(views.config_view(server))["Apps"][0]["Status"]
     assert status == {"ActiveConnections": 2, "QueueLength": 0, "Targets": [
         {"Address": "10.0.0.1:80", "Up": False, "ConsecutiveFailures": 1,
-         "LastFailure": "refused", "HealthCheckFailing": False, "OpenConnections": 1},
+         "LastFailure": "refused", "HealthCheckFailing": False, "OpenConnections": 1,
+         "State": "down"},
         {"Address": "[2001:db8::1]:80", "Up": False, "ConsecutiveFailures": 0,
-         "LastFailure": "timeout", "HealthCheckFailing": True, "OpenConnections": 0},
+         "LastFailure": "timeout", "HealthCheckFailing": True, "OpenConnections": 0,
+         "State": "down"},
     ]}
     clock.now += 3600  # the passive back-off is over; the failed check still holds
     balancer.record_check(second, True)
@@ -104,7 +106,8 @@ def test_a_fresh_app_shows_everything_up_and_nothing_open(server: Server) -> Non
     status = as_json(views.config_view(server))["Apps"][1]["Status"]
     assert status == {"ActiveConnections": 0, "QueueLength": 0, "Targets": [
         {"Address": "backend.example:9000", "Up": True, "ConsecutiveFailures": 0,
-         "LastFailure": None, "HealthCheckFailing": False, "OpenConnections": 0}]}
+         "LastFailure": None, "HealthCheckFailing": False, "OpenConnections": 0,
+         "State": "up"}]}
 
 
 def test_metrics_snapshot_reads_health_activity_and_draining(server: Server,

@@ -54,3 +54,15 @@ def test_test_names_cited_in_the_docs_exist(doc: str) -> None:
     defined = {name for path in (REPO / "tests").rglob("test_*.py")
                for name in re.findall(r"^def (test_\w+)", path.read_text(), re.MULTILINE)}
     assert cited <= defined
+
+
+def test_readme_layout_names_every_module() -> None:
+    """README's Layout section is the map of the tree: a module added
+    without a line there is a module nobody can find (issue #11)."""
+    readme = read("README.md")
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    modules = sorted(path.name for path in (REPO / "rawproxy").glob("*.py")
+                     if not path.name.startswith("__"))
+    assert modules, "no modules found: the test would pass vacuously"
+    missing = [name for name in modules if name not in layout]
+    assert not missing, f"README's Layout does not mention {missing}"

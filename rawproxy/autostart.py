@@ -46,6 +46,10 @@ log = logging.getLogger("rawproxy.machines")
 
 PROBE_FIRST_S = 0.002  # a machine that is a process listens within ms
 PROBE_MAX_S = 0.015    # the most a probe adds to a start: under 20 ms (NOTES 3)
+# A Start hook still hanging when StartTimeout passes: its clients end with
+# start-timeout (the machine did not come up in time), and the hook's own
+# timeout comes this much later, so the two never race for the verdict.
+HOOK_GRACE_S = 1.0
 TICK_S = 1.0
 _OTHER_WORKER = "stopped by another worker"
 
@@ -132,7 +136,8 @@ class Autostart:
                  start.app, address, len(waiters))
         start.claimed = self._claim(route, address, config.start_timeout_s)
         if start.claimed:
-            self._hooks.run(config.start, start.app, address, config.start_timeout_s,
+            self._hooks.run(config.start, start.app, address,
+                            config.start_timeout_s + HOOK_GRACE_S,
                             lambda ok, detail: self._on_start_hook(start, ok, detail))
         start.deadline = self._loop.call_later(config.start_timeout_s,
                                                lambda: self._on_start_timeout(start))

@@ -55,6 +55,8 @@ _OTHER_WORKER = "stopped by another worker"
 
 
 class Waiter(Protocol):
+    route: Route  # the route it was accepted on (a reload may have replaced it since)
+
     def machine_ready(self) -> None: ...
 
     def close(self, end: str, reset: bool, detail: str = "") -> None: ...
@@ -146,8 +148,11 @@ class Autostart:
     def _probe(self, start: _Start) -> None:
         start.retry = None
         route, machine = self._current(start.app, start.address)
-        if start.done or route is None or machine is None:
-            return  # a reload removed the target: StartTimeout ends the wait
+        if start.done:
+            return
+        if route is None or machine is None:
+            self._abandon(start)  # a reload removed the target: no start to wait for
+            return
         target = machine.target
         start.probe = Connector(self._loop, self._resolver, target.host, target.port,
                                 route.app.connect_timeout_s,
@@ -165,7 +170,10 @@ class Autostart:
         start.probe = None
         netio.close(sock)
         route, machine = self._current(start.app, start.address)
-        if route is None or machine is None or start.done:
+        if start.done:
+            return
+        if route is None or machine is None:
+            self._abandon(start)
             return
         self._finish(start, route, "ok")
         now = self._loop.time()
@@ -177,7 +185,9 @@ class Autostart:
                  now - start.started_at)
         for waiter, since in start.waiters:
             route.stats.start_wait.observe(now - since)
-            waiter.machine_ready()
+            if waiter.route is not route:  # it came before a reload: its balancer too
+                self._set_stopped(waiter.route, start.address, False)
+            _tell(waiter.machine_ready)
 
     def _on_start_hook(self, start: _Start, ok: bool, detail: str) -> None:
         if ok:
@@ -187,7 +197,10 @@ class Autostart:
         log.warning("app %s: target %s: start hook failed: %s", start.app, start.address,
                     detail)
         route, machine = self._current(start.app, start.address)
-        if start.done or route is None or route.machines is None or machine is None:
+        if start.done:
+            return
+        if route is None or route.machines is None or machine is None:
+            self._abandon(start)
             return
         self._finish(start, route, "failed")
         route.machines.start_failed(machine)
@@ -201,7 +214,10 @@ class Autostart:
     def _on_start_timeout(self, start: _Start) -> None:
         start.deadline = None
         route, machine = self._current(start.app, start.address)
-        if start.done or route is None or route.machines is None or machine is None:
+        if start.done:
+            return
+        if route is None or route.machines is None or machine is None:
+            self._abandon(start)
             return
         self._finish(start, route, "timeout")
         route.machines.start_failed(machine)
@@ -214,9 +230,21 @@ class Autostart:
         now = self._loop.time()
         for waiter, since in start.waiters:
             route.stats.start_wait.observe(now - since)
-            waiter.close(end, reset=False, detail=detail)
+            _tell(waiter.close, end, reset=False, detail=detail)
 
-    def _finish(self, start: _Start, route: Route, result: str) -> None:
+    def _abandon(self, start: _Start) -> None:
+        """A reload removed the target (or its app, or its Machines) while it
+        was starting: close its clients now rather than leave them, and every
+        later client of the app, waiting on a start nothing will finish.  A
+        claim this worker holds lapses at its deadline."""
+        self._stop_start(start)
+        log.warning("app %s: target %s: removed by a reload while starting: closing its "
+                    "%d waiting clients", start.app, start.address, len(start.waiters))
+        for waiter, _ in start.waiters:
+            _tell(waiter.close, outcomes.START_FAILED, reset=False,
+                  detail=f"{start.address} was removed by a reload while starting")
+
+    def _stop_start(self, start: _Start) -> None:
         start.done = True
         self._starts.pop((start.app, start.address), None)
         for timer in (start.deadline, start.retry):
@@ -224,6 +252,9 @@ class Autostart:
                 timer.cancel()
         if start.probe is not None:
             start.probe.cancel()
+
+    def _finish(self, start: _Start, route: Route, result: str) -> None:
+        self._stop_start(start)
         if start.claimed:  # counted once, by the worker that called the hook
             self._claim(route, start.address, 0.0, release=True)  # the next start: anyone's
             starts = route.stats.machine_starts
@@ -330,3 +361,12 @@ class Autostart:
                     waiter.machine_ready()  # the stop failed: it still runs
             else:
                 self._begin(route, following, waiters, [])
+
+
+def _tell(call: Callable[..., None], *args: object, **kwargs: object) -> None:
+    """Tell one waiter: a waiter that raises must not leave the rest of the
+    list untold (each would then wait for nothing)."""
+    try:
+        call(*args, **kwargs)
+    except Exception:
+        log.exception("a waiting client failed to take the news")

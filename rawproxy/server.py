@@ -373,9 +373,9 @@ class Server:
         self.admission.close()
         self._health.stop()
         self.autostart.close()
+        self.close_sessions(outcomes.SHUTDOWN)  # first: they give their pipes back
         if self._ctx.pipes is not None:
             self._ctx.pipes.close()
-        self.close_sessions(outcomes.SHUTDOWN)
 
 
 def _per_client_limits(config: Config) -> dict[str, tuple[Optional[int], Optional[float]]]:

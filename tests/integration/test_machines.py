@@ -278,3 +278,48 @@ def test_workers_make_one_start_for_the_whole_process(
     # More than one worker had clients waiting (SO_REUSEPORT spreads 40
     # connections over 4 listeners), and they all waited on the one start.
     assert proxy.count_lines(r"starting its machine") >= 2
+
+
+def test_a_reload_that_removes_a_starting_target_closes_its_clients(
+        proxies: ProxyFactory, apis: list[MachinesAPI]) -> None:
+    """Nothing would ever finish that start: its clients (and the app's later
+    ones, which join a start in progress) must not wait on it."""
+    api = MachinesAPI(mode="hang")
+    apis.append(api)
+    old_target, new_target = stable_ports(2)
+    proxy, port, _ = start_proxy(proxies, {"Start": {"URL": api.url("start")},
+                                           "StartTimeout": 60}, [f"{HOST}:{old_target}"])
+    waiting = connect(port)
+    waiting.sendall(b"early")
+    wait_until(lambda: api.count("start") == 1)
+    document = json.loads(proxy.config_path.read_text())
+    document["Apps"][0]["Targets"] = [f"{HOST}:{new_target}"]
+    proxy.config_path.write_text(json.dumps(document))
+    proxy.signal(signal.SIGHUP)
+    waiting.settimeout(10)  # far below StartTimeout: only the reload can end it
+    try:
+        assert waiting.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    finally:
+        waiting.close()
+    proxy.wait_for_line(r"removed by a reload while starting")
+    proxy.wait_for_line(r"end=start-failed")
+
+
+def test_a_client_waiting_across_a_reload_is_served_when_the_machine_is_up(
+        proxies: ProxyFactory, apis: list[MachinesAPI]) -> None:
+    """A reload gives the app a new balancer; the client, accepted before it,
+    still holds the old one, which must learn the machine is up too."""
+    api = MachinesAPI(listen_delay_s=1.5)
+    apis.append(api)
+    (target,) = stable_ports(1)
+    proxy, port, _ = start_proxy(proxies, {"Start": {"URL": api.url("start")}},
+                                 [f"{HOST}:{target}"])
+    with connect(port) as sock:
+        sock.sendall(b"across a reload")
+        wait_until(lambda: api.count("start") == 1)
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_line(r"config reloaded")
+        assert recv_exactly(sock, len(b"across a reload")) == b"across a reload"
+    assert api.count("start") == 1

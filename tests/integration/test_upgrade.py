@@ -331,8 +331,8 @@ def test_sigusr2_under_load_refuses_and_resets_nothing(trees: list[Tree],
         # The admin socket was handed over too: its file is still there and
         # answered by the new process.
         assert "200 OK" in unix_get(admin_path, "/healthz")
-        assert tree.proc.count_lines(r"hands over 2 sockets") == 1
-        assert tree.proc.count_lines(r"not binding") == 2
+        assert tree.proc.wait_for_count(r"hands over 2 sockets", 1) == 1
+        assert tree.proc.wait_for_count(r"not binding", 2) == 2
         assert tree.stop(new_pid) == 0
         assert not os.path.exists(admin_path), "the last process removes its socket file"
     finally:
@@ -367,8 +367,8 @@ def test_sigusr2_with_two_workers_hands_over_every_socket(trees: list[Tree],
         assert admin_failures == []
         # Two workers' sockets (one port each) and the admin socket; each new
         # worker took one of the two, none bound its own.
-        assert tree.proc.count_lines(r"hands over 3 sockets") == 1
-        assert tree.proc.count_lines(rf"port {tree.port}: serving the inherited") == 2
+        assert tree.proc.wait_for_count(r"hands over 3 sockets", 1) == 1
+        assert tree.proc.wait_for_count(rf"port {tree.port}: serving the inherited", 2) == 2
         status, _ = http_get(admin, "/metrics")
         assert status == 200
         assert tree.stop(new_pid) == 0
@@ -465,7 +465,7 @@ def test_an_invalid_config_on_disk_leaves_the_old_process_serving(trees: list[Tr
         tree.config_path.write_text(json.dumps(
             {"Apps": [{"Name": "a", "Ports": [70000], "Targets": [echo.address]}]}))
         failed_upgrade_under_load(tree, "exit status 2")
-        assert tree.proc.count_lines(r"rawproxy: error: .*70000") == 1
+        assert tree.proc.wait_for_count(r"rawproxy: error: .*70000", 1) == 1
     finally:
         echo.close()
 
@@ -498,7 +498,7 @@ def test_a_new_version_never_ready_is_killed_and_a_second_sigusr2_is_refused(
         assert time.monotonic() - started >= READY_TIMEOUT_S
         assert tree.proc.count_lines(
             r"SIGUSR2 ignored: an upgrade is already under way \(new process \d+\)") == 1
-        assert tree.proc.count_lines(r"killed it: killed by SIGKILL") == 1
+        assert tree.proc.wait_for_count(r"killed it: killed by SIGKILL", 1) == 1
     finally:
         echo.close()
 

@@ -196,14 +196,10 @@ class Autostart:
             return
         log.warning("app %s: target %s: start hook failed: %s", start.app, start.address,
                     detail)
-        route, machine = self._current(start.app, start.address)
-        if start.done:
+        route = self._start_failed(start, "failed")
+        if route is None:
             return
-        if route is None or route.machines is None or machine is None:
-            self._abandon(start)
-            return
-        self._finish(start, route, "failed")
-        route.machines.start_failed(machine)
+        assert route.machines is not None
         tried = start.tried + [start.address]
         following = route.machines.choose_start(exclude=tried)
         if following is not None:
@@ -213,18 +209,28 @@ class Autostart:
 
     def _on_start_timeout(self, start: _Start) -> None:
         start.deadline = None
-        route, machine = self._current(start.app, start.address)
-        if start.done:
+        route = self._start_failed(start, "timeout")
+        if route is None:
             return
-        if route is None or route.machines is None or machine is None:
-            self._abandon(start)
-            return
-        self._finish(start, route, "timeout")
-        route.machines.start_failed(machine)
+        assert route.machines is not None
         log.warning("app %s: target %s: machine not accepting after StartTimeout %gs",
                     start.app, start.address, route.machines.config.start_timeout_s)
         self._fail(start, route, outcomes.START_TIMEOUT,
                    f"{start.address} did not accept within StartTimeout")
+
+    def _start_failed(self, start: _Start, result: str) -> Optional[Route]:
+        """End a start that failed (``result``) and mark its machine so; the
+        route to go on with, or None: already over, or abandoned because a
+        reload removed the target."""
+        route, machine = self._current(start.app, start.address)
+        if start.done:
+            return None
+        if route is None or route.machines is None or machine is None:
+            self._abandon(start)
+            return None
+        self._finish(start, route, result)
+        route.machines.start_failed(machine)
+        return route
 
     def _fail(self, start: _Start, route: Route, end: str, detail: str) -> None:
         now = self._loop.time()

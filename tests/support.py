@@ -25,6 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCHER = REPO / "rawproxy.py"
 HOST = "127.0.0.1"
 IO_TIMEOUT_S = 15.0
+# The weight that makes a target the first pick of weighted random choice
+# against weight-1 targets bar one time in a million (at 1000 one CI run in a
+# few hundred lost the draw).
+FIRST_PICK = 1_000_000
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0,

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import (HOST, REPO, Backend, ProxyFactory, ProxyProcess, connect,
+from tests.support import (FIRST_PICK, HOST, REPO, Backend, ProxyFactory, ProxyProcess, connect,
                            dead_port, free_ports, recv_exactly, recv_until_eof, stable_ports,
                            wait_until)
 
@@ -201,7 +201,7 @@ def test_metrics_count_the_traffic_the_test_made(proxies: ProxyFactory,
     live = backend("echo")
     dead = f"{HOST}:{dead_port()}"
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [
-        live.address, {"Address": dead, "Weight": 1000}]}], "--admin", f"{HOST}:0")
+        live.address, {"Address": dead, "Weight": FIRST_PICK}]}], "--admin", f"{HOST}:0")
     port = admin_port(proxy)
     for index in range(3):
         assert echo(ports["a"][0], b"x" * (1000 + index)) == b"x" * (1000 + index)
@@ -366,7 +366,7 @@ def test_health_check_marks_a_dead_target_down_and_back_up(
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1,
                                    "HealthCheck": {"Interval": 0.2, "Timeout": 0.5},
                                    "Targets": [live.address,
-                                               {"Address": revived, "Weight": 1000}]}])
+                                               {"Address": revived, "Weight": FIRST_PICK}]}])
     proxy.wait_for_line(rf"target {revived} is down \(health check: refused\)")
     # Down by the check alone: clients go to the live target without a failed try.
     assert {name_of(ports["a"][0]) for _ in range(5)} == {"live"}

@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from tests.support import (HOST, Backend, Blackhole, ProxyFactory, connect, dead_port, recv_exactly,
-                           recv_until_eof)
+from tests.support import (FIRST_PICK, HOST, Backend, Blackhole, ProxyFactory, connect, dead_port,
+                           recv_exactly, recv_until_eof)
 
 BackendFactory = Callable[..., Backend]
 
@@ -79,7 +79,7 @@ def test_failover_from_refused_target_keeps_early_bytes(proxies: ProxyFactory,
     live = backend("echo")
     refused = f"{HOST}:{dead_port()}"
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [
-        {"Address": refused, "Weight": 1000}, live.address]}])
+        {"Address": refused, "Weight": FIRST_PICK}, live.address]}])
     payload = os.urandom(50_000)
     assert echo_once(ports["a"][0], payload) == payload
     proxy.wait_for_line(rf"target {refused}: connect failed: refused")
@@ -117,7 +117,7 @@ def test_failover_from_unresolvable_name(proxies: ProxyFactory, backend: Backend
                                          no_dns: list[str]) -> None:
     live = backend("echo")
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [
-        {"Address": "bad.target.for.testing:6003", "Weight": 1000}, live.address]}],
+        {"Address": "bad.target.for.testing:6003", "Weight": FIRST_PICK}, live.address]}],
         wrapper=no_dns)
     payload = os.urandom(10_000)
     assert echo_once(ports["a"][0], payload) == payload
@@ -136,7 +136,7 @@ def test_failover_from_connect_timeout(proxies: ProxyFactory, backend: BackendFa
     live = backend("echo")
     stuck = f"{HOST}:{blackhole.port}"
     proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "ConnectTimeout": 0.5, "Targets": [
-        {"Address": stuck, "Weight": 1000}, live.address]}])
+        {"Address": stuck, "Weight": FIRST_PICK}, live.address]}])
     payload = os.urandom(20_000)
     started = time.monotonic()
     assert echo_once(ports["a"][0], payload) == payload

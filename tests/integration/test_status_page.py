@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import pytest
 
 from tests.browser import PHONE, WIDE, BrowserMissing, set_viewport, skip_or_fail, start_chromium
-from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, dead_port,
-                           recv_until_eof, wait_until)
+from tests.support import (FIRST_PICK, HOST, Backend, ProxyFactory, ProxyProcess, connect,
+                           dead_port, recv_until_eof, wait_until)
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -152,7 +152,7 @@ def two_apps(live: Backend) -> tuple[list[dict[str, Any]], str, str]:
     dead_web = f"{HOST}:{dead_port()}"
     dead_cache = f"{HOST}:{dead_port()}"
     apps = [{"Name": "web", "Ports": 2, "Targets": [live.address,
-                                                    {"Address": dead_web, "Weight": 1000}]},
+                                                    {"Address": dead_web, "Weight": FIRST_PICK}]},
             {"Name": "cache", "Ports": 1, "Targets": [live.address, dead_cache],
              "HealthCheck": {"Interval": 0.2, "Timeout": 0.2}}]
     return apps, dead_web, dead_cache
@@ -171,7 +171,7 @@ def test_the_page_shows_every_app_and_target_and_follows_the_traffic(
     status, metrics = get(port, "/metrics")
     assert status == 200
     web_failures = metric(metrics, "rawproxy_connect_failures_total", app="web")
-    assert web_failures >= 1  # weight 1000: the dead target is tried first
+    assert web_failures >= 1  # FIRST_PICK: the dead target is tried first
 
     page.get(f"http://{HOST}:{port}/")
     shown = wait_for_page(page, lambda s: s["apps"].get("web", {}).get("stats", {}).get(

@@ -27,7 +27,8 @@ from rawproxy.listeners import BindError
 from rawproxy.loop import EventLoop
 from rawproxy.resolver import Resolver
 from rawproxy.server import Server
-from tests.support import HOST, Backend, connect, dead_port, free_ports, recv_exactly, wait_until
+from tests.support import (FIRST_PICK, HOST, Backend, connect, dead_port, free_ports, recv_exactly,
+                           wait_until)
 
 T = TypeVar("T")
 WAIT_S = 10.0
@@ -175,7 +176,7 @@ def test_fails_over_from_a_refused_target(harness: Callable[[Config], Harness],
     # The dead target is the near-certain first pick: the connection must
     # fail over to the live one without the client noticing.
     h = harness(make_config({"Name": "web", "Ports": [port], "Targets": [
-        {"Address": dead, "Weight": 1000}, echo.address]}))
+        {"Address": dead, "Weight": FIRST_PICK}, echo.address]}))
     assert round_trip(port) == b"ping"
     targets = h.server.stats.apps["web"].targets
     assert targets[dead].failures == {outcomes.REFUSED: 1}

@@ -26,11 +26,10 @@ whole request yet (so idle connections cannot lock out a scraper), else the
 oldest still being written to (a client that never reads its answer), and
 is refused only when every slot waits for the handlers' answer.
 
-Out of descriptors (EMFILE and friends) at accept, the listener stops
-reading for a while (:data:`ACCEPT_PAUSE_S`, doubling up to
-:data:`ACCEPT_PAUSE_MAX_S` while it persists), one waiting client is shed
-through a reserve descriptor, and one warning is logged per episode: the
-loop never spins on a listener that stays readable.
+Out of descriptors (EMFILE and friends) at accept, the listener pauses
+(:data:`ACCEPT_PAUSE_S`, doubling up to :data:`ACCEPT_PAUSE_MAX_S`), one
+waiting client is shed through a reserve descriptor, and one warning is
+logged per episode: the loop never spins on a listener that stays readable.
 """
 
 from __future__ import annotations
@@ -293,6 +292,7 @@ class AdminServer:
         self._reserve_fd = -1
         self._pause_s = 0.0  # 0 while accepting; else the current pause
         self._resume_timer: Optional[Timer] = None
+        self._handed_over = False
 
     def start(self) -> None:
         """Bind (unless given a bound socket) and listen; raises OSError."""
@@ -404,10 +404,11 @@ class AdminServer:
         return self._sock
 
     def hand_over(self) -> None:
-        """Close, leaving the unix socket file to the process that now serves
-        the same socket (an upgrade)."""
+        """Stop accepting, leaving the socket (and its file) to the process
+        that now serves it (an upgrade); :meth:`close` answers the rest."""
         self._socket_file = None
-        self.close()
+        self._handed_over = True
+        self._stop_listening()
 
     def close_after_fork(self) -> None:
         """In a forked child: close the descriptors, leave the parent's loop
@@ -420,8 +421,15 @@ class AdminServer:
             os.close(self._reserve_fd)
 
     def close(self) -> None:
+        """Close every connection; after a hand-over, first run the loop until
+        those accepted before it are answered (or time out): they asked us."""
+        while self._handed_over and self.connections:
+            self.loop.run_once()
         for conn in list(self.connections):
             conn.close()
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
         if self._resume_timer is not None:
             self._resume_timer.cancel()
             self._resume_timer = None

@@ -262,8 +262,7 @@ class Supervisor:
     def _handed_over(self) -> None:
         """The new supervisor's workers all serve: ours drain, then we exit 0."""
         if self._admin is not None:
-            self._admin.hand_over()
-            self._admin = None
+            self._admin.hand_over()  # run() closes it once its requests are answered
         elif self._admin_sock is not None:
             self._admin_sock.close()
         self._admin_sock = None

@@ -427,6 +427,28 @@ def test_close_releases_every_descriptor(
         probe.close()
 
 
+def test_a_hand_over_stops_accepting_but_answers_the_requests_already_accepted(
+        loop: EventLoop, views: Views) -> None:
+    admin_server = AdminServer(loop, views.handlers(), AdminAddress(HOST, 0))
+    admin_server.start()
+    before = Client(admin_server.port)
+    try:
+        drive(loop, lambda: len(admin_server.connections) == 1, "the accept")
+        admin_server.hand_over()
+        assert admin_server.listening_socket is None
+        with pytest.raises(ConnectionRefusedError):  # nobody else holds the socket here
+            Client(admin_server.port)
+        # The request comes after the hand-over; this client asked the old process.
+        before.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+        before.sock.shutdown(socket.SHUT_WR)
+        admin_server.close()
+        assert not admin_server.connections
+        drive(loop, before.at_eof, "the answer")
+        assert before.data == format_response(200, "text/plain", b"ok\n", False)
+    finally:
+        before.close()
+
+
 # -- requests a hostile or odd client sends ------------------------------------------
 
 def ask(loop: EventLoop, port: int, request: bytes) -> Client:

@@ -76,7 +76,14 @@ class Listener:
             # Reported only while paused (empty mask); nothing to act on.
             self._set.loop.mute(self.fd)
             return
-        self._set.accept_from(self)
+        # After this turn's other events: the connections already open (other
+        # apps' among them) do not wait behind a batch of accepts, a flooded
+        # listener's resets included.
+        self._set.loop.call_soon(self._accept_batch)
+
+    def _accept_batch(self) -> None:
+        if self._set.by_port.get(self.port) is self:  # not removed meanwhile (a reload)
+            self._set.accept_from(self)
 
 
 def _socket_for(fd: int, family: int) -> socket.socket:

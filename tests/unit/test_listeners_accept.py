@@ -8,6 +8,7 @@ once the server makes it so, and with ``TCP_NODELAY`` on (Linux).
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 from typing import Any, Iterator
@@ -69,3 +70,51 @@ def _readable(sock: socket.socket) -> bool:
         return bool(sock.recv(16, socket.MSG_PEEK))
     except BlockingIOError:
         return False
+
+
+def test_accepts_run_after_the_turns_other_events_and_not_after_a_removal(
+        loop: EventLoop) -> None:
+    """A flooded listener's batch must not delay connections already open:
+    in a turn where both are ready, the open connection is served first."""
+    order: list[str] = []
+
+    def on_client(listener: Listener, sock: socket.socket, addr: object) -> None:
+        order.append("accept")
+        sock.close()
+
+    def on_open(events: int) -> None:
+        order.append(open_side.recv(16).decode())
+
+    def on_open_then_remove(events: int) -> None:
+        on_open(events)
+        del listeners.by_port[listener.port]
+
+    listeners = ListenerSet(loop, "127.0.0.1", backlog=8, reuse_port=False, accept_batch=4,
+                            wants_accept=lambda listener: True, on_client=on_client,
+                            on_exhausted=lambda listener, addr, reason: None)
+    sock = netio.open_listener("127.0.0.1", 0, 8)
+    listener = Listener(sock, sock.getsockname()[1], None, listeners)  # type: ignore[arg-type]
+    listeners.by_port[listener.port] = listener
+    open_side, peer = socket.socketpair()
+    try:
+        # Watched after the listener: the poller reports it after it.
+        loop.watch(listener.fd, listener.on_events)
+        loop.set_interest(listener.fd, 1)
+        loop.watch(open_side.fileno(), on_open)
+        loop.set_interest(open_side.fileno(), 1)
+        with socket.create_connection(("127.0.0.1", listener.port), timeout=5):
+            peer.sendall(b"open")
+            drive(loop, lambda: "accept" in order, "the accept")
+            assert order == ["open", "accept"]
+            # Removed by a handler of the same turn: the batch accepts nothing.
+            with socket.create_connection(("127.0.0.1", listener.port), timeout=5):
+                peer.sendall(b"drop")
+                select.select([sock], [], [], 5)
+                loop.replace_handler(open_side.fileno(), on_open_then_remove)
+                drive(loop, lambda: "drop" in order, "the removal")
+                assert order == ["open", "accept", "drop"]
+    finally:
+        loop.unwatch(listener.fd)
+        loop.unwatch(open_side.fileno())
+        for closing in (sock, open_side, peer):
+            closing.close()

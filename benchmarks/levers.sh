@@ -1,30 +1,74 @@
 #!/bin/sh
-# What each performance lever bought: rawproxy as it was at several commits,
-# measured by today's harness (proxy CPU per GB, per request, per connection;
-# CPU time moves less than throughput on a shared machine).  Each commit is
-# checked out into a temporary git worktree, given this checkout's
-# benchmarks/, and run with `--peers rawproxy` (the splice path where that
-# commit has it).  NOTES.md cites its output.
+# What each performance lever bought, in two ways (proxy CPU per GB, per
+# request, per connection; CPU time moves less than throughput on a shared
+# machine).  NOTES.md cites the output.
 #
-#   sh benchmarks/levers.sh [COMMIT ...]      (from the repository root, after make test)
+#   sh benchmarks/levers.sh [COMMIT ...]   rawproxy as it was at several
+#       commits, each checked out into a temporary git worktree, given this
+#       checkout's benchmarks/, and run with `--peers rawproxy` (the splice
+#       path where that commit has it);
+#   sh benchmarks/levers.sh --ablate       issue #17's levers, one row each:
+#       this checkout's HEAD with every lever switched off (the patches in
+#       benchmarks/levers/, one per lever, each a one-line switch), then with
+#       them switched back on one at a time, in the patches' order; the last
+#       row is HEAD as it is.  Same code otherwise, so the rows differ by
+#       the levers alone.  Run with `--peers rawproxy,rawproxy-info` (the
+#       access-log lever shows at `info` only).
+#
+# From the repository root, after make test.  LEVERS_ROUNDS (default 3)
+# rounds of each workload; LEVERS_OUT the directory of the JSON results.
 set -eu
 ROOT=$(git rev-parse --show-toplevel)
 PY="$ROOT/.venv/bin/python"
 OUT=${LEVERS_OUT:-"$ROOT/benchmarks/results/levers"}
 ROUNDS=${LEVERS_ROUNDS:-3}
+mkdir -p "$OUT"
+
+# measure LABEL TREE PEERS WORKLOADS JSON: one benchmarks.run in TREE.
+measure() {
+    echo "== $1"
+    (cd "$2" && "$PY" -m benchmarks.run --peers "$3" --rounds "$ROUNDS" \
+        --workloads "$4" --json "$5" | sed -n '/^median/,/^$/p') || true
+}
+
+if [ "${1:-}" = "--ablate" ]; then
+    patches=$(ls "$ROOT"/benchmarks/levers/*.patch)
+    sha=$(git -C "$ROOT" rev-parse --short HEAD)
+    on=0
+    for _ in x $patches; do  # one row with none on, then one more lever each
+        tree=$(mktemp -d /tmp/rawproxy-lever-XXXXXX)
+        git -C "$ROOT" worktree add --detach --quiet "$tree/src" "$sha"
+        index=0
+        label="$sha, every lever off"
+        for patch in $patches; do
+            index=$((index + 1))
+            name=$(basename "$patch" .patch)
+            if [ "$index" -gt "$on" ]; then
+                git -C "$tree/src" apply "$patch"  # this lever stays off
+            elif [ "$index" -eq "$on" ]; then
+                label="$sha, levers on up to $name"
+            fi
+        done
+        measure "$label" "$tree/src" rawproxy,rawproxy-info reqresp,churn \
+            "$OUT/ablate-$sha-$on.json"
+        git -C "$ROOT" worktree remove --force "$tree/src"
+        rm -rf "$tree"
+        on=$((on + 1))
+    done
+    exit 0
+fi
+
 # core (copy path only), splice, before and after the steady-state interest
 # skip, before and after the churn work (timer tuples, cached IP targets),
 # and fe700f7, whose rawproxy/ is what shipped (name HEAD to add today's).
 COMMITS=${*:-"61b0d49 23401f0 f878100 8c30f71 0d98f4b 16ba7c2 fe700f7"}
-mkdir -p "$OUT"
 for commit in $COMMITS; do
     sha=$(git -C "$ROOT" rev-parse --short "$commit")
     tree=$(mktemp -d /tmp/rawproxy-lever-XXXXXX)
     git -C "$ROOT" worktree add --detach --quiet "$tree/src" "$sha"
     rm -rf "$tree/src/benchmarks" && cp -R "$ROOT/benchmarks" "$tree/src/benchmarks"
-    echo "== $sha: $(git -C "$ROOT" log -1 --format=%s "$sha" | cut -c1-70)"
-    (cd "$tree/src" && "$PY" -m benchmarks.run --peers rawproxy --rounds "$ROUNDS" \
-        --workloads bulk1,reqresp,churn --json "$OUT/$sha.json" | sed -n '/^median/,/^$/p') || true
+    measure "$sha: $(git -C "$ROOT" log -1 --format=%s "$sha" | cut -c1-70)" "$tree/src" \
+        rawproxy bulk1,reqresp,churn "$OUT/$sha.json"
     git -C "$ROOT" worktree remove --force "$tree/src"
     rm -rf "$tree"
 done

@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                "starts the program on disk again, hands it the listening sockets, then "
                "drains (an upgrade with no connection refused).",
     )
-    parser.add_argument("-c", "--config", default="config.json", metavar="PATH",
+    parser.add_argument("-c", "--config", metavar="PATH",
                         help="config file (default: config.json in the working directory)")
     parser.add_argument("--listen-host", type=_ip_literal, default="0.0.0.0", metavar="HOST",
                         help="IP address every app port binds to (default: 0.0.0.0)")
@@ -203,7 +203,11 @@ def _error(message: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    source = FileConfigSource(args.config)
+    if args.config is not None and args.etcd is not None:
+        _error("--config and --etcd cannot be used together: under --etcd the config "
+               "comes from etcd")
+        return EXIT_USAGE
+    source = FileConfigSource(args.config or "config.json")
     try:
         args.fleet = start_fleet(args)  # --etcd: etcd (or its cache) instead of the file
         config = source.load() if args.fleet is None else args.fleet.config

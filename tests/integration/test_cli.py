@@ -33,6 +33,13 @@ def test_check_accepts_the_shipped_config_and_binds_nothing() -> None:
     assert result.stderr == ""
 
 
+def test_config_and_etcd_together_are_a_usage_error() -> None:
+    # --etcd replaces --config (SPEC 11): a file named as well would be ignored.
+    result = run_cli("--check", "--config", "config.json", "--etcd", f"http://{HOST}:1")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "--config and --etcd cannot be used together")
+
+
 def test_invalid_config_exits_2_with_the_spec_message(tmp_path: Path) -> None:
     config = json.loads((REPO / "config.json").read_text())
     config["Apps"][1]["Ports"][2] = 70000

@@ -93,6 +93,7 @@ class Autostart:
         self._starts: dict[tuple[str, str], _Start] = {}
         self._after_stop: dict[str, list[tuple[Waiter, float]]] = {}
         self._tick: Optional[Timer] = None
+        self._closed = False
 
     # -- what sessions tell -----------------------------------------------------
 
@@ -298,6 +299,8 @@ class Autostart:
             self._tick = self._loop.call_later(self._tick_s(), self._on_tick)
 
     def close(self) -> None:
+        self._closed = True  # a Stop hook's late verdict must not start anything
+        self._after_stop.clear()
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
@@ -346,7 +349,7 @@ class Autostart:
 
     def _on_stop_hook(self, app: str, address: str, ok: bool, detail: str) -> None:
         route, machine = self._current(app, address)
-        if route is None or route.machines is None or machine is None:
+        if self._closed or route is None or route.machines is None or machine is None:
             return
         route.machines.stop_ended(machine, ok, self._loop.time())
         if detail != _OTHER_WORKER:  # counted once, by the worker that called the hook

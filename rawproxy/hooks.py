@@ -97,4 +97,9 @@ class HookRunner:
             except Exception:
                 pass  # the loop closed meanwhile (shutdown): nobody waits for it
 
-        threading.Thread(target=work, name="rawproxy-hook", daemon=True).start()
+        try:
+            threading.Thread(target=work, name="rawproxy-hook", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (a process or memory limit)
+            # Delivered later like any verdict: the caller's state is set up by then.
+            reason = f"cannot start a thread for the hook: {exc}"
+            self._post(lambda: on_done(False, reason))

@@ -9,7 +9,7 @@ import random
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -171,6 +171,22 @@ def test_the_runner_reports_through_the_loop_hand_off() -> None:
                              lambda ok, detail: delivered.append((ok, detail)))
     assert done.wait(10)
     assert delivered == [(True, "exit status 0")]
+
+
+def test_a_hook_thread_that_cannot_start_is_a_failed_hook_delivered_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    posted: list[Callable[[], None]] = []
+    delivered: list[tuple[bool, str]] = []
+    HookRunner(posted.append).run(START, "a", "t", 10.0,
+                                  lambda ok, detail: delivered.append((ok, detail)))
+    assert delivered == []  # not from inside run(): the caller sets up after calling it
+    [callback] = posted
+    callback()
+    assert delivered == [(False, "cannot start a thread for the hook: can't start new thread")]
 
 
 # -- config -------------------------------------------------------------------------

@@ -10,7 +10,8 @@ bench-fairness``) runs one rawproxy with two apps on one echo backend:
 A measuring client talks to B the whole time: 64-byte echoes on one open
 connection (``rtt``) and, every 20th sample, a new connection's connect plus
 echo (``connect``); between them, the same echo straight to B's backend
-(``direct``), a control for what the machine itself adds.  Each round has three phases of ``S`` seconds:
+(``direct``), a control for what the machine itself adds.  Each round has
+three phases of ``S`` seconds:
 
 * **quiet**: nothing else;
 * **flood**: one client address (127.0.0.3) opening and resetting
@@ -67,6 +68,33 @@ BULK_CHUNK = 256 * 1024
 CONNECT_EVERY = 20
 LINGER_RESET = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {1, 0}: close with RST
 PHASES = ("quiet", "flood", "bulk")
+# The same two apps in HAProxy (--peer haproxy), one thread: A's PerClient as
+# a stick table on the source address, rejected at accept like rawproxy's.
+HAPROXY_CONF = """\
+global
+    nbthread 1
+    maxconn 8000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 5m
+    timeout server 5m
+frontend a
+    bind {host}:{a}
+    stick-table type ip size 100k expire 30s store conn_cur,conn_rate(1s)
+    tcp-request connection track-sc0 src
+    acl over_connections sc0_conn_cur gt {max_conn}
+    acl over_rate sc0_conn_rate gt {rate}
+    tcp-request connection reject if over_connections or over_rate
+    default_backend a
+backend a
+    server echo {host}:{echo_a}
+frontend b
+    bind {host}:{b}
+    default_backend b
+backend b
+    server echo {host}:{echo_b}
+"""
 
 
 # -- the load: run as children (python -m benchmarks.fairness --flood/--bulk) ------------
@@ -210,7 +238,13 @@ def run_phase(phase: str, workdir: Path, ports: dict[str, int], seconds: float,
         load = [_child(workdir, "flood", ports["a"]) for _ in range(flooders)]
     elif phase == "bulk":
         load = [_child(workdir, "bulk", ports["a"])]
-    before = _admin_counts(ports["admin"])
+    def counts() -> dict[str, float]:  # HAProxy's side has no admin port: zeros
+        if "admin" in ports:
+            return _admin_counts(ports["admin"])
+        return dict.fromkeys(("connections_accepted_total",
+                              "connections_client_limited_total"), 0.0)
+
+    before = counts()
     cpu_before = sum(proxy.cpu_times())
     try:
         time.sleep(0.5)  # let the load reach its pace: this is the benchmark, not a test
@@ -219,7 +253,7 @@ def run_phase(phase: str, workdir: Path, ports: dict[str, int], seconds: float,
         results = [_child_result(proc) for proc in load]
     elapsed = seconds + 0.5
     cpu = (sum(proxy.cpu_times()) - cpu_before) / elapsed
-    after = _admin_counts(ports["admin"])
+    after = counts()
     out: dict[str, Any] = {"samples": samples, "proxy_cpu": cpu}
     if phase == "flood":
         out["connects_per_s"] = sum(r.get("connects", 0) for r in results) / elapsed
@@ -248,6 +282,18 @@ def start_proxy(workdir: Path, launcher: str, extra: Sequence[str],
         {"Name": "a", "Ports": [ports["a"]], "Targets": [f"{HOST}:{ports['echo_a']}"],
          "PerClient": PER_CLIENT},
         {"Name": "b", "Ports": [ports["b"]], "Targets": [f"{HOST}:{ports['echo_b']}"]}]}))
+    if launcher == "haproxy":
+        del ports["admin"]
+        config = workdir / "fairness.cfg"
+        config.write_text(HAPROXY_CONF.format(host=HOST, max_conn=PER_CLIENT["MaxConnections"],
+                                              rate=PER_CLIENT["Rate"], **ports))
+        procs.append(Proc("haproxy", pinned(PROXY_CPU, [*high, "haproxy", "-db", "-f",
+                                                        str(config)]),
+                          workdir / "haproxy.log", cwd=ROOT))
+        procs[0].wait_listening([ports["echo_a"]])
+        procs[1].wait_listening([ports["echo_b"]])
+        procs[2].wait_listening([ports["a"], ports["b"]])
+        return procs, ports
     procs.append(Proc("rawproxy", pinned(PROXY_CPU, [
         *high, sys.executable, launcher, "--config", str(config),
         "--listen-host", HOST, "--admin", f"{HOST}:{ports['admin']}",
@@ -338,7 +384,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="passed to rawproxy (repeat for several)")
     parser.add_argument("--launcher", default=str(ROOT / "rawproxy.py"), metavar="PATH",
                         help="the proxy to run (default: this checkout's rawproxy.py; "
-                             "another checkout's to compare)")
+                             "another checkout's to compare; 'haproxy': HAProxy, one "
+                             "thread, A's limits as a stick table on the source)")
     parser.add_argument("--boost", action="store_true",
                         help="run the proxy, B's backend and the measuring client at nice -20 "
                              "(root), so that other work on the machine disturbs them less")
@@ -367,7 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             for proc in reversed(procs):
                 proc.stop()
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
+    print(f"{args.launcher}; python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
           f"{args.seconds:g} s a phase, {args.flooders} flooding processes"
           f"{', boosted (nice -20)' if args.boost else ''}; proxy args: "
           f"{' '.join(args.proxy_arg) or 'none'}")

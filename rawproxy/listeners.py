@@ -57,7 +57,7 @@ class BindError(Exception):
 
 
 class Listener:
-    __slots__ = ("sock", "fd", "port", "route", "_set", "nodelay_inherited", "family")
+    __slots__ = ("sock", "fd", "port", "route", "_set", "nodelay_inherited", "family", "batch")
 
     def __init__(self, sock: socket.socket, port: int, route: Route,
                  listener_set: ListenerSet) -> None:
@@ -70,6 +70,10 @@ class Listener:
         # setsockopt per client saved); False: each needs its own.
         self.nodelay_inherited = netio.nodelay_for_accepted(sock)
         self.family = int(sock.family)
+        # Clients accepted a turn: the set's batch, or 1 while the clients it
+        # accepts are turned away (a flood): resets are the cheapest work of
+        # all, and one a turn keeps every other connection's wait short.
+        self.batch = listener_set.accept_batch
 
     def on_events(self, events: int) -> None:
         if events & EVENT_ERROR:
@@ -105,7 +109,7 @@ class ListenerSet:
         self.host = host
         self._backlog = backlog
         self._reuse_port = reuse_port
-        self._accept_batch = accept_batch
+        self.accept_batch = accept_batch
         self._wants_accept = wants_accept
         self._admit = admit or wants_accept
         self._unadmit = unadmit
@@ -180,7 +184,9 @@ class ListenerSet:
     # -- accepting ------------------------------------------------------------
 
     def accept_from(self, listener: Listener) -> None:
-        for _ in range(self._accept_batch):
+        taken = 0
+        while taken < listener.batch:  # re-read: a reset in this batch ends it
+            taken += 1
             if not self._admit(listener):
                 # No room: stop watching it (level-triggered, it would spin)
                 # until a freed slot wakes this worker; asking again sets the

@@ -64,11 +64,11 @@ DEFAULT_BUFFER_BYTES = 64 * 1024
 # not to spin on a listener that stays readable, short enough that clients
 # in the backlog barely notice once descriptors are free again.
 ACCEPT_PAUSE_S = 0.1
-# Clients one listener accepts per loop turn.  A client reset at accept
-# (PerClient, AllowFrom) costs 20-35 us of CPU here, so a flooded listener
-# holds the loop 80-150 us a turn at 4 (1.2-2.2 ms at 64): what every other
-# connection waits, at most.  At 1 a turn each reset also pays an epoll
-# round, 20-50 % more CPU (make bench-fairness; NOTES.md section 2).
+# Clients one listener accepts per loop turn; 1 while the last one it
+# accepted was reset (PerClient, AllowFrom: a flood).  A reset costs about
+# 15 us of CPU, so a flooded listener would hold the loop some 60 us a turn
+# at 4, and every other connection waits that; at 1 everywhere, churn costs
+# 10-25 % more CPU a connection (make bench-fairness; NOTES.md section 2).
 ACCEPT_BATCH = 4
 # Pooled pipes (splice path) are closed once no connection is open for this long.
 PIPE_TRIM_AFTER_S = 1.0
@@ -235,6 +235,7 @@ class Server:
         client_addr = netio.format_sockaddr(addr)
         route.stats.accepted += 1
         if app.allow_from and not _is_allowed(addr, app):
+            listener.batch = 1
             route.stats.denied += 1
             route.stats.ended(outcomes.DENIED)
             log_access(app.name, listener.port, client_addr, "-", 0, 0, 0, outcomes.DENIED,
@@ -255,6 +256,7 @@ class Server:
         client.setblocking(False)
         if not listener.nodelay_inherited:
             netio.set_nodelay(client)
+        listener.batch = self.listeners.accept_batch
         session = self._session_class(self._ctx, route, client, client_addr, listener.port)
         self.sessions.add(session)
         self.admission.consume()
@@ -271,6 +273,7 @@ class Server:
         """Reset a client over its app's PerClient; under a flood, one
         access-log line a second per app and a count of the rest."""
         netio.abort(client)
+        listener.batch = 1
         app = listener.route.app.name
         listener.route.stats.client_limited += 1
         listener.route.stats.ended(outcomes.CLIENT_LIMIT)

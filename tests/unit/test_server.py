@@ -301,3 +301,45 @@ def test_the_admin_views_of_a_running_server(harness: Callable[[Config], Harness
         view = as_json(h.thread.call(lambda: views.config_view(h.server)))
         assert view["Apps"][0]["Status"]["ActiveConnections"] == 1
         assert view["ListenHost"] == HOST and view["Draining"] is False
+
+
+def test_a_listener_resetting_clients_takes_one_a_turn_until_it_admits_one(
+        echo: Backend) -> None:
+    """A flood turned away at accept must not hold the loop a whole batch a
+    turn (every other connection waits that); admitted clients go 4 a turn."""
+    (port,) = free_ports(1)
+    config = make_config({"Name": "a", "Ports": [port], "Targets": [echo.address],
+                          "PerClient": {"MaxConnections": 2}})
+    loop = EventLoop()
+    resolver = Resolver(loop.call_soon_threadsafe)
+    server = Server(config, loop, resolver, listen_host=HOST)
+    clients: list[socket.socket] = []
+
+    def arrive(source: str, count: int) -> None:  # the kernel completes them: a backlog
+        for _ in range(count):
+            sock = socket.socket()
+            clients.append(sock)
+            sock.bind((source, 0))
+            sock.connect((HOST, port))
+
+    try:
+        server.start()
+        stats = server.stats.app("a")
+
+        def turn() -> int:
+            before = stats.accepted
+            loop.run_once(WAIT_S)
+            return stats.accepted - before
+
+        arrive("127.0.0.1", 6)
+        # 2 admitted, the 3rd reset: that ends the batch; then one a turn.
+        assert turn() == 3 and stats.client_limited == 1
+        assert [turn() for _ in range(3)] == [1, 1, 1] and stats.client_limited == 4
+        arrive("127.0.0.2", 3)  # another address: its first two are admitted
+        assert turn() == 3 and stats.client_limited == 5  # back to 4 after an admit
+    finally:
+        for sock in clients:
+            sock.close()
+        server.close()
+        resolver.close()
+        loop.close()

@@ -31,6 +31,10 @@ measure() {
         --workloads "$4" --json "$5" | sed -n '/^median/,/^$/p') || true
 }
 
+tree=""
+# A patch that fails to apply (set -e) must not leave a worktree behind.
+trap '[ -z "$tree" ] || { git -C "$ROOT" worktree remove --force "$tree/src" 2>/dev/null; rm -rf "$tree"; }' EXIT
+
 if [ "${1:-}" = "--ablate" ]; then
     patches=$(ls "$ROOT"/benchmarks/levers/*.patch)
     sha=$(git -C "$ROOT" rev-parse --short HEAD)
@@ -53,6 +57,7 @@ if [ "${1:-}" = "--ablate" ]; then
             "$OUT/ablate-$sha-$on.json"
         git -C "$ROOT" worktree remove --force "$tree/src"
         rm -rf "$tree"
+        tree=""
         on=$((on + 1))
     done
     exit 0
@@ -71,4 +76,5 @@ for commit in $COMMITS; do
         rawproxy bulk1,reqresp,churn "$OUT/$sha.json"
     git -C "$ROOT" worktree remove --force "$tree/src"
     rm -rf "$tree"
+    tree=""
 done

@@ -42,6 +42,7 @@ import socket
 from typing import Callable, Optional
 
 from . import metrics, netio, statuspage
+from .adminhttp import HTML, format_response, head_end, header_value, parse_request_head
 from .adminsock import (AdminAddress, SocketFile, is_authorized, open_listener,
                         remove_socket_file, socket_identity)
 from .loop import EVENT_ERROR, EVENT_READ, EVENT_WRITE, EventLoop, Timer
@@ -55,17 +56,7 @@ ACCEPT_BATCH = 16
 ACCEPT_PAUSE_S = 0.1
 ACCEPT_PAUSE_MAX_S = 2.0
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 408: "Request Timeout",
-            431: "Request Header Fields Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
-_HTML = "text/html; charset=utf-8"
 _PATHS = ("/", "/healthz", "/metrics", "/config")
-# The page's own script and styles are inline; it loads nothing else and
-# talks only to this endpoint.  No framing: the sign-in page takes a token.
-_PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                "frame-ancestors 'none'")
 
 Response = tuple[int, str, bytes]  # status, content type, body
 
@@ -101,59 +92,12 @@ class AdminHandlers:
         if path == "/":
             if not self._page:
                 self._page = statuspage.load_page()
-            return 200, _HTML, self._page
+            return 200, HTML, self._page
         if path == "/metrics":
             body = self._metrics_text().encode()
             return 200, metrics.CONTENT_TYPE, body
         body = (json.dumps(self._config_view(), indent=2) + "\n").encode()
         return 200, "application/json", body
-
-
-def _head_end(data: bytes) -> int:
-    """Offset of the blank line ending the request head, or -1.  Bare LF
-    line ends are taken too (RFC 9112 2.2: a recipient MAY)."""
-    ends = [i for i in (data.find(b"\r\n\r\n"), data.find(b"\n\n")) if i >= 0]
-    return min(ends) if ends else -1
-
-
-def _lines(head: bytes) -> list[bytes]:
-    return [line[:-1] if line.endswith(b"\r") else line for line in head.split(b"\n")]
-
-
-def parse_request_head(head: bytes) -> Optional[tuple[str, str]]:
-    """(method, path) from the request line, or None if it is not HTTP/1.x."""
-    parts = _lines(head)[0].split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-        return None
-    try:
-        return parts[0].decode("ascii"), parts[1].decode("ascii")
-    except UnicodeDecodeError:
-        return None
-
-
-def header_value(head: bytes, name: str) -> Optional[str]:
-    """The first value of header ``name`` (any case) in a request head, or None."""
-    wanted = name.lower().encode("ascii")
-    for line in _lines(head)[1:]:
-        key, sep, value = line.partition(b":")
-        if sep and key.strip().lower() == wanted:
-            return value.strip().decode("latin-1")
-    return None
-
-
-def format_response(status: int, content_type: str, body: bytes, head_only: bool) -> bytes:
-    extra = ""
-    if status == 405:
-        extra += "Allow: GET, HEAD\r\n"
-    if status == 401:
-        extra += 'WWW-Authenticate: Bearer realm="rawproxy"\r\n'
-    if content_type == _HTML:
-        extra += f"Content-Security-Policy: {_PAGE_POLICY}\r\nReferrer-Policy: no-referrer\r\n"
-    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-            f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-            f"{extra}Connection: close\r\n\r\n").encode("ascii")
-    return head if head_only else head + body
 
 
 class _Phase(enum.Enum):
@@ -204,7 +148,7 @@ class _AdminConnection:
         if not data:
             return
         self._request += data
-        end = _head_end(self._request)
+        end = head_end(self._request)
         if end < 0:
             if len(self._request) >= MAX_REQUEST_BYTES:
                 self._reply(431, "text/plain", b"request too large\n", False)
@@ -234,7 +178,7 @@ class _AdminConnection:
                 self.close()
 
         try:
-            self._admin.handlers.respond_async(method, path, reply)
+            self._admin.respond_async(method, path, reply)
         except Exception:
             # A view that fails is one failed request, not a connection left
             # hanging until its timer.
@@ -314,7 +258,7 @@ class AdminServer:
                                                                       self._token):
             return None
         if path == "/":  # a browser: the page that asks for the token
-            return 401, _HTML, self._signin
+            return 401, HTML, self._signin
         return 401, "text/plain", b"unauthorized: send Authorization: Bearer <token>\n"
 
     def _accept(self) -> socket.socket:
@@ -403,12 +347,29 @@ class AdminServer:
     def listening_socket(self) -> Optional[socket.socket]:
         return self._sock
 
+    def respond_async(self, method: str, path: str,
+                      reply: Callable[[Response], None]) -> None:
+        if self._handed_over and path.split("?", 1)[0] == "/healthz" and method in (
+                "GET", "HEAD"):
+            # Asked before the hand-over; the process that took the socket
+            # over is serving (it said so), whatever this one is doing now.
+            reply((200, "text/plain", b"ok\n"))
+        else:
+            self.handlers.respond_async(method, path, reply)
+
     def hand_over(self) -> None:
         """Stop accepting, leaving the socket (and its file) to the process
-        that now serves it (an upgrade); :meth:`close` answers the rest."""
+        that now serves it (an upgrade); see :meth:`answer_in_flight`."""
         self._socket_file = None
         self._handed_over = True
         self._stop_listening()
+
+    def answer_in_flight(self) -> None:
+        """After a hand-over, once the loop has stopped: run it until the
+        requests accepted before the hand-over are answered (each within
+        :data:`REQUEST_TIMEOUT_S`; a stop signal cuts it short)."""
+        if self._handed_over:
+            self.loop.run_until(lambda: not self.connections)
 
     def close_after_fork(self) -> None:
         """In a forked child: close the descriptors, leave the parent's loop
@@ -421,10 +382,6 @@ class AdminServer:
             os.close(self._reserve_fd)
 
     def close(self) -> None:
-        """Close every connection; after a hand-over, first run the loop until
-        those accepted before it are answered (or time out): they asked us."""
-        while self._handed_over and self.connections:
-            self.loop.run_once()
         for conn in list(self.connections):
             conn.close()
         self._stop_listening()

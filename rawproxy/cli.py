@@ -207,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _error("--config and --etcd cannot be used together: under --etcd the config "
                "comes from etcd")
         return EXIT_USAGE
-    source = FileConfigSource(args.config or "config.json")
+    source = FileConfigSource("config.json" if args.config is None else args.config)
     try:
         args.fleet = start_fleet(args)  # --etcd: etcd (or its cache) instead of the file
         config = source.load() if args.fleet is None else args.fleet.config
@@ -312,6 +312,8 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
         if control is not None:
             control.announce_ready()
         loop.run()
+        if admin is not None:
+            admin.answer_in_flight()
         log.info("stopped")
         return EXIT_OK
     except _Exit as exc:

@@ -65,10 +65,11 @@ DEFAULT_BUFFER_BYTES = 64 * 1024
 # in the backlog barely notice once descriptors are free again.
 ACCEPT_PAUSE_S = 0.1
 # Clients one listener accepts per loop turn; 1 while the last one it
-# accepted was reset (PerClient, AllowFrom: a flood).  A reset costs about
-# 15 us of CPU, so a flooded listener would hold the loop some 60 us a turn
-# at 4, and every other connection waits that; at 1 everywhere, churn costs
-# 10-25 % more CPU a connection (make bench-fairness; NOTES.md section 2).
+# accepted was turned away (PerClient, AllowFrom, no target: a flood).  A
+# reset costs 15-28 us of CPU, so a flooded listener would hold the loop
+# 60-110 us a turn at 4, and every other connection waits that; at 1
+# everywhere, churn costs 10-27 % more CPU a connection (make
+# bench-fairness; NOTES.md section 2).
 ACCEPT_BATCH = 4
 # Pooled pipes (splice path) are closed once no connection is open for this long.
 PIPE_TRIM_AFTER_S = 1.0
@@ -243,6 +244,7 @@ class Server:
             netio.abort(client)
             return
         if not app.targets:  # --etcd: the app's registered targets all left
+            listener.batch = 1
             route.stats.ended(outcomes.NO_TARGET)
             log_access(app.name, listener.port, client_addr, "-", 0, 0, 0,
                        outcomes.NO_TARGET, "the app has no target")

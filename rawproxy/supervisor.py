@@ -14,13 +14,12 @@ Each worker is a single-process proxy on ``SO_REUSEPORT`` listeners
 * restarts a worker that dies, or could not be forked, after a pause that
   doubles while restarts keep failing fast (1 s .. 30 s), with the last
   config a worker accepted;
-* serves ``--admin`` (``metricsmerge``), asking every worker at once under
-  one deadline, and passes each worker's passive-health changes on;
-* upgrades as a whole on SIGUSR2 (``upgrade``): it asks every worker for
-  its listening sockets (sent back over the control channel), starts the
-  program again with them and the admin socket, and once the new
-  supervisor says its workers are all ready, stops its own workers (they
-  drain) and exits 0.  It tells systemd as ``lifecycle`` says.
+* serves ``--admin`` (``metricsmerge``), asking all workers under one
+  deadline, and passes each worker's passive-health changes on;
+* upgrades as a whole on SIGUSR2 (``upgrade``): it asks every worker for its
+  listening sockets (over the control channel), starts the program again with
+  them and the admin socket, and once the new supervisor says its workers are
+  all ready, stops its own (they drain) and exits 0; ``lifecycle`` tells systemd.
 
 It stays root under ``--user``, as nginx's and HAProxy's masters do: a
 worker it restarts must bind as root, since Linux lets a socket join an
@@ -107,6 +106,8 @@ class Supervisor:
             for worker in self._workers:  # left only after a failed start: killed
                 if worker.pid:
                     os.waitpid(worker.pid, 0)
+            if self._admin is not None:
+                self._admin.answer_in_flight()
             log.info("all workers exited")
             return self._exit_code
         finally:

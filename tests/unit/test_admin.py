@@ -25,8 +25,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from rawproxy import admin
-from rawproxy.admin import (AdminHandlers, AdminServer, Response, format_response,
-                            header_value, parse_request_head)
+from rawproxy.admin import AdminHandlers, AdminServer, Response
+from rawproxy.adminhttp import format_response, header_value, parse_request_head
 from rawproxy.adminsock import AdminAddress
 from rawproxy.loop import EVENT_READ, EventLoop
 from rawproxy.metrics import CONTENT_TYPE, Snapshot, render
@@ -438,14 +438,31 @@ def test_a_hand_over_stops_accepting_but_answers_the_requests_already_accepted(
         assert admin_server.listening_socket is None
         with pytest.raises(ConnectionRefusedError):  # nobody else holds the socket here
             Client(admin_server.port)
-        # The request comes after the hand-over; this client asked the old process.
-        before.send(b"GET /healthz HTTP/1.1\r\n\r\n")
-        before.sock.shutdown(socket.SHUT_WR)
-        admin_server.close()
+        # The request comes after the hand-over; this client asked the old
+        # process, which drains now, but the address is served: 200.
+        views.draining = True
+
+        def ask() -> None:
+            before.send(b"GET /healthz HTTP/1.1\r\n\r\n")
+            before.sock.shutdown(socket.SHUT_WR)
+
+        loop.call_later(0.2, ask)  # while the loop waits for it
+        loop.stop()  # what the drain's end does: then the in-flight ones are answered
+        turns = [0]
+        real_run_once = loop.run_once
+
+        def counted_run_once(max_wait_s: Optional[float] = None) -> None:
+            turns[0] += 1
+            real_run_once(max_wait_s)
+
+        loop.run_once = counted_run_once  # type: ignore[method-assign]
+        admin_server.answer_in_flight()
         assert not admin_server.connections
+        assert turns[0] < 20, f"{turns[0]} loop turns: it spun while waiting"
         drive(loop, before.at_eof, "the answer")
         assert before.data == format_response(200, "text/plain", b"ok\n", False)
     finally:
+        admin_server.close()
         before.close()
 
 

@@ -97,7 +97,8 @@ def test_accepts_run_after_the_turns_other_events_and_not_after_a_removal(
     listeners.by_port[listener.port] = listener
     open_side, peer = socket.socketpair()
     try:
-        # Watched after the listener: the poller reports it after it.
+        # Ready after the listener (the connect comes first): epoll reports
+        # it after the listener, so only the deferral puts it first.
         loop.watch(listener.fd, listener.on_events)
         loop.set_interest(listener.fd, 1)
         loop.watch(open_side.fileno(), on_open)

@@ -33,7 +33,8 @@ measure() {
 
 tree=""
 # A patch that fails to apply (set -e) must not leave a worktree behind.
-trap '[ -z "$tree" ] || { git -C "$ROOT" worktree remove --force "$tree/src" 2>/dev/null; rm -rf "$tree"; }' EXIT
+trap '[ -z "$tree" ] || { git -C "$ROOT" worktree remove --force "$tree/src" 2>/dev/null || true; rm -rf "$tree"; git -C "$ROOT" worktree prune; }' EXIT
+trap 'exit 130' INT TERM
 
 if [ "${1:-}" = "--ablate" ]; then
     patches=$(ls "$ROOT"/benchmarks/levers/*.patch)

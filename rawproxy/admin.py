@@ -1,7 +1,8 @@
 """The admin endpoint (``--admin HOST:PORT`` or ``--admin unix:/path``): a
 tiny HTTP/1.1 server on the proxy's own event loop.
 
-* ``GET /healthz`` -> ``200 ok`` while serving, ``503 draining`` while draining;
+* ``GET /healthz`` -> ``200 ok`` while serving, ``503 draining`` while draining
+  (but 200 after an upgrade's hand-over: the new process serves);
 * ``GET /metrics`` -> Prometheus text format 0.0.4 (``metrics.py``);
 * ``GET /config``  -> the running config and each target's health, as JSON;
 * ``GET /``        -> the status page for people (``statuspage.py``), which
@@ -215,6 +216,7 @@ class _AdminConnection:
         self._admin.loop.unwatch(self.fd)
         netio.close(self.sock)
         self._admin.connections.pop(self, None)
+        self._admin.note_closed()
 
 
 class AdminServer:
@@ -237,6 +239,7 @@ class AdminServer:
         self._pause_s = 0.0  # 0 while accepting; else the current pause
         self._resume_timer: Optional[Timer] = None
         self._handed_over = False
+        self._on_idle: Optional[Callable[[], None]] = None
 
     def start(self) -> None:
         """Bind (unless given a bound socket) and listen; raises OSError."""
@@ -347,6 +350,12 @@ class AdminServer:
     def listening_socket(self) -> Optional[socket.socket]:
         return self._sock
 
+    def note_closed(self) -> None:
+        on_idle = self._on_idle
+        if on_idle is not None and not self.connections:
+            self._on_idle = None
+            on_idle()
+
     def respond_async(self, method: str, path: str,
                       reply: Callable[[Response], None]) -> None:
         if self._handed_over and path.split("?", 1)[0] == "/healthz" and method in (
@@ -364,12 +373,22 @@ class AdminServer:
         self._handed_over = True
         self._stop_listening()
 
+    def when_idle(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no admin connection is open (now, if none
+        is): after a hand-over, the end of a drain waits for the requests
+        accepted before it (each has :data:`REQUEST_TIMEOUT_S` at most)."""
+        if self.connections:
+            self._on_idle = callback
+        else:
+            callback()
+
     def answer_in_flight(self) -> None:
-        """After a hand-over, once the loop has stopped: run it until the
-        requests accepted before the hand-over are answered (each within
-        :data:`REQUEST_TIMEOUT_S`; a stop signal cuts it short)."""
-        if self._handed_over:
-            self.loop.run_until(lambda: not self.connections)
+        """After a hand-over, once the loop has stopped: run it again until
+        the requests accepted before the hand-over are answered (a stop
+        signal meanwhile cuts it short)."""
+        if self._handed_over and self.connections:
+            self.when_idle(self.loop.stop)
+            self.loop.run()
 
     def close_after_fork(self) -> None:
         """In a forked child: close the descriptors, leave the parent's loop

@@ -312,8 +312,6 @@ def _serve(args: argparse.Namespace, source: FileConfigSource, config: Config,
         if control is not None:
             control.announce_ready()
         loop.run()
-        if admin is not None:
-            admin.answer_in_flight()
         log.info("stopped")
         return EXIT_OK
     except _Exit as exc:

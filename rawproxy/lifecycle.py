@@ -146,6 +146,8 @@ class Lifecycle:
         def handed_over() -> None:
             if admin is not None:
                 admin.hand_over()
+                stop = server.on_drained  # once the admin requests it had taken are answered
+                server.on_drained = lambda: admin.when_idle(stop)
             server.drain(drain_timeout_s)
 
         self.enable_upgrade(server.loop, collect, handed_over,

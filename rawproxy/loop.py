@@ -242,12 +242,6 @@ class EventLoop:
         while not self._stopping:
             self.run_once()
 
-    def run_until(self, done: Callable[[], bool]) -> None:
-        """Like :meth:`run`, until ``done()`` is true or :meth:`stop` is called."""
-        self._stopping = False
-        while not (self._stopping or done()):
-            self.run_once()
-
     def run_once(self, max_wait_s: Optional[float] = None) -> None:
         ready = self._poller.poll(self._select_timeout(max_wait_s))
         self.now = self._clock()

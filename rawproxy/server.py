@@ -66,7 +66,7 @@ DEFAULT_BUFFER_BYTES = 64 * 1024
 ACCEPT_PAUSE_S = 0.1
 # Clients one listener accepts per loop turn; 1 while the last one it
 # accepted was turned away (PerClient, AllowFrom, no target: a flood).  A
-# reset costs 15-28 us of CPU, so a flooded listener would hold the loop
+# reset costs 16-28 us of CPU, so a flooded listener would hold the loop
 # 60-110 us a turn at 4, and every other connection waits that; at 1
 # everywhere, churn costs 10-27 % more CPU a connection (make
 # bench-fairness; NOTES.md section 2).

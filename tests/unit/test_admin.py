@@ -466,6 +466,23 @@ def test_a_hand_over_stops_accepting_but_answers_the_requests_already_accepted(
         before.close()
 
 
+def test_when_idle_waits_for_the_open_connections_and_is_at_once_without_them(
+        loop: EventLoop, server: AdminServer, clients: Callable[[], Client]) -> None:
+    idle: list[str] = []
+    server.when_idle(lambda: idle.append("none open"))
+    assert idle == ["none open"]
+    client = clients()
+    drive(loop, lambda: len(server.connections) == 1, "the accept")
+    server.hand_over()
+    server.when_idle(lambda: idle.append("answered"))  # the end of a drain, say
+    client.send(b"HEAD /healthz?probe=1 HTTP/1.1\r\n\r\n")
+    client.sock.shutdown(socket.SHUT_WR)
+    drive(loop, lambda: len(idle) == 2, "the last connection to close")
+    assert idle == ["none open", "answered"]
+    drive(loop, client.at_eof, "the answer")
+    assert client.data == format_response(200, "text/plain", b"ok\n", True)
+
+
 # -- requests a hostile or odd client sends ------------------------------------------
 
 def ask(loop: EventLoop, port: int, request: bytes) -> Client:

@@ -9,7 +9,8 @@ the exit status of a process it did not start itself::
     reaper: pid N exited C       (C: the exit status, -SIG if killed)
 
 SIGTERM to the reaper kills everything still below it (SIGKILL), so a
-test's cleanup leaves no process behind, whoever its parent had become.
+test's cleanup leaves no process behind, whoever its parent had become;
+the death of the test process that started it does the same.
 The reaper exits once nothing is left below it.  Linux only (prctl).
 """
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -57,6 +59,12 @@ def main(argv: list[str]) -> int:
                 pass
 
     signal.signal(signal.SIGTERM, kill_all)
+    # A test process killed outright (an interrupted run) cannot clean up:
+    # its death is a SIGTERM here, so nothing below is left running.
+    parent = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl took
+        return 1
     child = subprocess.Popen(command, close_fds=False)  # what the test passed goes on down
     say(f"pid {child.pid} started")
     while True:

@@ -330,8 +330,9 @@ class ProxyProcess:
         return code
 
 
-def proxy_argv(config_path: Path, *extra: str, wrapper: Sequence[str] = ()) -> list[str]:
-    return [*wrapper, sys.executable, str(LAUNCHER), "--config", str(config_path),
+def proxy_argv(config_path: Path, *extra: str, wrapper: Sequence[str] = (),
+               launcher: Path = LAUNCHER) -> list[str]:
+    return [*wrapper, sys.executable, str(launcher), "--config", str(config_path),
             "--listen-host", HOST, *extra]
 
 
@@ -361,13 +362,16 @@ class ProxyFactory:
         self.default_args: list[str] = []  # added to every proxy this factory starts
 
     def start(self, apps: list[dict[str, Any]], *extra: str,
-              wrapper: Sequence[str] = ()) -> tuple[ProxyProcess, dict[str, list[int]]]:
+              wrapper: Sequence[str] = (), launcher: Path = LAUNCHER,
+              preexec_fn: Optional[Callable[[], None]] = None
+              ) -> tuple[ProxyProcess, dict[str, list[int]]]:
         for _attempt in range(5):
             self._count += 1
             path = self._tmp_path / f"config-{self._count}.json"
             ports = write_config(path, apps)
             proxy = ProxyProcess(proxy_argv(path, "--log-level", "debug", *self.default_args,
-                                            *extra, wrapper=wrapper), path)
+                                            *extra, wrapper=wrapper, launcher=launcher),
+                                 path, preexec_fn=preexec_fn)
             self._started.append(proxy)
             if proxy.wait_ready():
                 return proxy, ports

@@ -159,14 +159,11 @@ def _low_descriptor_limit() -> None:
 
 
 def test_admin_out_of_descriptors_pauses_instead_of_spinning(
-        tmp_path: Path, backend: BackendFactory) -> None:
-    config = tmp_path / "config.json"
-    write_config(config, [{"Name": "a", "Ports": 1, "Targets": [backend().address]}])
-    proxy = ProxyProcess(proxy_argv(config, "--admin", f"{HOST}:0", "--log-level", "debug"),
-                         config, preexec_fn=_low_descriptor_limit)
+        proxies: ProxyFactory, backend: BackendFactory) -> None:
+    proxy, _ = proxies.start([{"Name": "a", "Ports": 1, "Targets": [backend().address]}],
+                             "--admin", f"{HOST}:0", preexec_fn=_low_descriptor_limit)
     held: list[socket.socket] = []
     try:
-        assert proxy.wait_ready()
         line = proxy.wait_for_line(r"admin endpoint on http://")
         port = int(re.search(r":(\d+)/", line).group(1))  # type: ignore[union-attr]
         for _ in range(60):  # idle clients: more than 48 descriptors' worth

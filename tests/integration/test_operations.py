@@ -394,7 +394,8 @@ def test_json_log_format(proxies: ProxyFactory, backend: BackendFactory) -> None
     assert all(json.loads(raw) for raw in proxy.lines)
 
 
-def test_zipapp_runs_the_same_proxy(tmp_path: Path, backend: BackendFactory) -> None:
+def test_zipapp_runs_the_same_proxy(tmp_path: Path, proxies: ProxyFactory,
+                                    backend: BackendFactory) -> None:
     subprocess.run(["make", "-s", "dist", f"DIST_DIR={tmp_path}"], cwd=str(REPO),
                    check=True, capture_output=True, timeout=60)
     pyz = tmp_path / "rawproxy.pyz"
@@ -402,14 +403,9 @@ def test_zipapp_runs_the_same_proxy(tmp_path: Path, backend: BackendFactory) -> 
                             str(REPO / "config.json")], capture_output=True, text=True,
                            timeout=30)
     assert check.returncode == 0 and "3 apps, 12 ports, 7 targets" in check.stdout
-    (port,) = free_ports(1)
-    config = tmp_path / "c.json"
-    config.write_text(json.dumps({"Apps": [{"Name": "a", "Ports": [port],
-                                            "Targets": [backend().address]}]}))
-    proxy = ProxyProcess([sys.executable, str(pyz), "--config", str(config),
-                          "--listen-host", HOST], config)
+    proxy, ports = proxies.start([{"Name": "a", "Ports": 1, "Targets": [backend().address]}],
+                                 launcher=pyz)
     try:
-        assert proxy.wait_ready()
-        assert echo(port, b"from the zipapp") == b"from the zipapp"
+        assert echo(ports["a"][0], b"from the zipapp") == b"from the zipapp"
     finally:
         assert proxy.stop() == 0

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a file: python benchmarks/hotspots.py
 
 from benchmarks import procs  # noqa: E402
 from benchmarks.backends import Backends  # noqa: E402
-from benchmarks.syscalls import PAYLOAD, cycle  # noqa: E402
+from benchmarks.syscalls import PAYLOAD, cycles, in_threads  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Turns the profiler on, then off (rawproxy uses SIGHUP, SIGTERM, SIGUSR2...).
@@ -89,36 +89,11 @@ def _round_trips(port: int, count: int) -> None:
                 got += len(chunk)
 
 
-def _cycles(port: int, count: int) -> None:
-    for _ in range(count):
-        cycle(port)
-
-
-def _in_threads(concurrency: int, units: int, job: Callable[[int], None]) -> None:
-    shares = [units // concurrency + (1 if i < units % concurrency else 0)
-              for i in range(concurrency)]
-    errors: list[BaseException] = []
-
-    def run(count: int) -> None:
-        try:
-            job(count)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in shares]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise OSError(f"{len(errors)} client(s) failed: {errors[0]}")
-
-
 def drive(workload: str, port: int, units: int, concurrency: int) -> None:
     if workload == "churn":
-        _in_threads(concurrency, units, lambda n: _cycles(port, n))
+        in_threads(concurrency, units, lambda n: cycles(port, n))
     else:
-        _in_threads(concurrency, units, lambda n: _round_trips(port, n))
+        in_threads(concurrency, units, lambda n: _round_trips(port, n))
 
 
 def _module(path: str, name: str) -> str:

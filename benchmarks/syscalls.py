@@ -36,7 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 if __package__ in (None, ""):  # run as a file: python benchmarks/syscalls.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -95,29 +95,38 @@ def cycle(port: int, timeout_s: float = 10.0) -> None:
             raise OSError("the echo came back changed")
 
 
-def run_cycles(port: int, connections: int, concurrency: int) -> None:
-    if concurrency <= 1:
-        for _ in range(connections):
-            cycle(port)
-        return
-    errors: list[BaseException] = []
-    shares = [connections // concurrency + (1 if i < connections % concurrency else 0)
-              for i in range(concurrency)]
+def cycles(port: int, count: int) -> None:
+    for _ in range(count):
+        cycle(port)
 
-    def worker(count: int) -> None:
+
+def in_threads(concurrency: int, units: int, job: Callable[[int], None]) -> None:
+    """``job(n)`` on ``concurrency`` threads, the ``units`` shared out;
+    raises OSError if any of them failed."""
+    shares = [units // concurrency + (1 if i < units % concurrency else 0)
+              for i in range(concurrency)]
+    errors: list[BaseException] = []
+
+    def run(count: int) -> None:
         try:
-            for _ in range(count):
-                cycle(port)
-        except BaseException as exc:  # reported by the caller
+            job(count)
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in shares]
+    threads = [threading.Thread(target=run, args=(n,)) for n in shares]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise OSError(f"{len(errors)} client(s) failed: {errors[0]}")
+
+
+def run_cycles(port: int, connections: int, concurrency: int) -> None:
+    if concurrency <= 1:
+        cycles(port, connections)
+    else:
+        in_threads(concurrency, connections, lambda n: cycles(port, n))
 
 
 def _wait_attached(log: Path, strace: subprocess.Popen[bytes]) -> None:

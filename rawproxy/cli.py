@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                "drains (an upgrade with no connection refused).",
     )
     parser.add_argument("-c", "--config", metavar="PATH",
-                        help="config file (default: config.json in the working directory)")
+                        help="config file (default: config.json in the working directory; "
+                             "not with --etcd)")
     parser.add_argument("--listen-host", type=_ip_literal, default="0.0.0.0", metavar="HOST",
                         help="IP address every app port binds to (default: 0.0.0.0)")
     parser.add_argument("--admin", type=_admin_address, metavar="HOST:PORT|unix:PATH",

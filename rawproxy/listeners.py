@@ -57,7 +57,8 @@ class BindError(Exception):
 
 
 class Listener:
-    __slots__ = ("sock", "fd", "port", "route", "_set", "nodelay_inherited", "family", "batch")
+    __slots__ = ("sock", "fd", "port", "route", "_set", "nodelay_inherited", "family", "batch",
+                 "_accept_later")
 
     def __init__(self, sock: socket.socket, port: int, route: Route,
                  listener_set: ListenerSet) -> None:
@@ -74,6 +75,7 @@ class Listener:
         # accepts are turned away (a flood): resets are the cheapest work of
         # all, and one a turn keeps every other connection's wait short.
         self.batch = listener_set.accept_batch
+        self._accept_later = self._accept_batch  # bound once, not per event
 
     def on_events(self, events: int) -> None:
         if events & EVENT_ERROR:
@@ -83,7 +85,7 @@ class Listener:
         # After this turn's other events: the connections already open (other
         # apps' among them) do not wait behind a batch of accepts, a flooded
         # listener's resets included.
-        self._set.loop.call_soon(self._accept_batch)
+        self._set.loop.call_soon(self._accept_later)
 
     def _accept_batch(self) -> None:
         if self._set.by_port.get(self.port) is self:  # not removed meanwhile (a reload)

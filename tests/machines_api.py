@@ -18,30 +18,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-# An echo backend that waits ``delay`` seconds before it listens.
-ECHO = """
-import socket, sys, threading, time
-time.sleep(float(sys.argv[2]))
-listener = socket.socket()
-listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-listener.bind(("127.0.0.1", int(sys.argv[1])))
-listener.listen(256)
-def serve(conn):
-    with conn:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
-            conn.sendall(data)
-while True:
-    conn, _ = listener.accept()
-    threading.Thread(target=serve, args=(conn,), daemon=True).start()
-"""
+from tests.support import ECHO_SCRIPT
+
+# tests.support's echo backend, waiting ``delay`` seconds before it listens.
+ECHO = "import sys, time\ntime.sleep(float(sys.argv[2]))\n" + ECHO_SCRIPT
 
 
 def start_echo(port: int, delay_s: float = 0.0) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-c", ECHO, str(port), str(delay_s)],
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

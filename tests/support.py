@@ -7,6 +7,7 @@ sleeps for a fixed time: ``wait_until`` polls a condition with a deadline.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -383,6 +384,24 @@ class ProxyFactory:
     def close(self) -> None:
         for proxy in self._started:
             proxy.stop()
+
+
+def admin_get(port: int, path: str, token: Optional[str] = None) -> tuple[int, str]:
+    """GET ``path`` from an admin endpoint on loopback: (status, body)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=IO_TIMEOUT_S)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+
+def admin_body(port: int, path: str) -> str:
+    """The body of a GET that must answer 200."""
+    status, body = admin_get(port, path)
+    assert status == 200, (path, status, body)
+    return body
 
 
 def run_cli(*args: str, cwd: Optional[Path] = None,

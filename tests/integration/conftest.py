@@ -7,12 +7,21 @@ from typing import Callable, Iterator
 
 import pytest
 
+from tests.etcd_fixtures import FleetFactory
 from tests.support import Backend, ProxyFactory
 
 
 @pytest.fixture
 def proxies(tmp_path: Path) -> Iterator[ProxyFactory]:
     factory = ProxyFactory(tmp_path)
+    yield factory
+    factory.close()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[FleetFactory]:
+    """Proxies fed by etcd (``--etcd``), each stopped at teardown."""
+    factory = FleetFactory(tmp_path)
     yield factory
     factory.close()
 

@@ -7,7 +7,6 @@ matters: at the backends, not in the proxy's own view of itself.
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -20,7 +19,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from tests.support import HOST, ProxyFactory, ProxyProcess, connect, stable_ports, wait_until
+from tests.support import (HOST, ProxyFactory, ProxyProcess, admin_body, connect, stable_ports,
+                           wait_until)
 
 
 class CountingBackend:
@@ -126,16 +126,6 @@ def open_client(port: int, name: str) -> socket.socket:
     return sock
 
 
-def admin_get(port: int, path: str) -> str:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        assert response.status == 200
-        return response.read().decode()
-    finally:
-        conn.close()
-
 
 def test_hard_limit_queues_the_rest_and_serves_them_in_order(
         proxies: ProxyFactory, backends: Callable[..., CountingBackend]) -> None:
@@ -147,7 +137,7 @@ def test_hard_limit_queues_the_rest_and_serves_them_in_order(
         "--admin", f"{HOST}:{admin}")
     port = ports["a"][0]
     def status() -> dict[str, Any]:
-        app: dict[str, Any] = json.loads(admin_get(admin, "/config"))["Apps"][0]
+        app: dict[str, Any] = json.loads(admin_body(admin, "/config"))["Apps"][0]
         return app["Status"]  # type: ignore[no-any-return]
 
     clients = []
@@ -207,7 +197,7 @@ def test_a_client_that_resets_while_queued_leaves_the_queue(
     port = ports["a"][0]
 
     def queued() -> int:
-        length: int = json.loads(admin_get(admin, "/config"))["Apps"][0]["Status"][
+        length: int = json.loads(admin_body(admin, "/config"))["Apps"][0]["Status"][
             "QueueLength"]
         return length
 
@@ -238,7 +228,7 @@ def test_a_queued_client_fails_over_once_it_gets_a_slot(
     clients = {name: open_client(port, name) for name in ("one", "two")}
     wait_until(lambda: len(first.order) == len(second.order) == 1)
     waiter = open_client(port, "waiter")
-    wait_until(lambda: json.loads(admin_get(admin, "/config"))["Apps"][0]["Status"][
+    wait_until(lambda: json.loads(admin_body(admin, "/config"))["Apps"][0]["Status"][
         "QueueLength"] == 1, message="the third client to wait")
     second.stop_listening()
     clients.pop(second.order[0]).close()  # its slot goes to the waiter, refused there...
@@ -290,7 +280,7 @@ def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
 
 
 def holding_workers(admin: int) -> list[int]:
-    views = json.loads(admin_get(admin, "/config"))["Workers"]
+    views = json.loads(admin_body(admin, "/config"))["Workers"]
     return [index for index, view in enumerate(views)
             if view is not None and view["Apps"][0]["Status"]["ActiveConnections"]]
 

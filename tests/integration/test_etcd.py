@@ -30,13 +30,6 @@ def etcd(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[FleetFactory]:
-    factory = FleetFactory(tmp_path)
-    yield factory
-    factory.close()
-
-
-@pytest.fixture
 def backends() -> Iterator[Callable[[str], Backend]]:
     started: list[Backend] = []
 

@@ -22,13 +22,6 @@ def cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[FleetFactory]:
-    factory = FleetFactory(tmp_path)
-    yield factory
-    factory.close()
-
-
-@pytest.fixture
 def backend() -> Iterator[Backend]:
     server = Backend("name", name="a")
     yield server

@@ -15,13 +15,6 @@ pytestmark = needs_etcd
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[FleetFactory]:
-    factory = FleetFactory(tmp_path)
-    yield factory
-    factory.close()
-
-
-@pytest.fixture
 def backend() -> Iterator[Backend]:
     server = Backend("name", name="a")
     yield server

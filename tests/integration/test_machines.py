@@ -3,7 +3,6 @@ machines API (tests.machines_api) starting echo processes on loopback."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import signal
@@ -16,8 +15,8 @@ from typing import Any, Iterator
 import pytest
 
 from tests.machines_api import MachinesAPI
-from tests.support import (HOST, REPO, Backend, ProxyFactory, ProxyProcess, connect, recv_exactly,
-                           stable_ports, wait_until)
+from tests.support import (HOST, REPO, Backend, ProxyFactory, ProxyProcess, admin_body, connect,
+                           recv_exactly, stable_ports, wait_until)
 
 
 @pytest.fixture
@@ -28,17 +27,9 @@ def apis() -> Iterator[list[MachinesAPI]]:
         api.close()
 
 
-def admin_get(port: int, path: str) -> str:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
 
 def states(admin: int, app: int = 0) -> list[str]:
-    view: dict[str, Any] = json.loads(admin_get(admin, "/config"))["Apps"][app]
+    view: dict[str, Any] = json.loads(admin_body(admin, "/config"))["Apps"][app]
     return [t["State"] for t in view["Status"]["Targets"]]
 
 
@@ -69,7 +60,7 @@ def test_first_client_of_a_stopped_app_is_served_with_every_early_byte(
     assert api.count("start") == 1
     assert api.bodies[0] == {"app": "m", "target": f"{HOST}:{target}"}
     assert states(admin) == ["up"]
-    metrics = admin_get(admin, "/metrics")
+    metrics = admin_body(admin, "/metrics")
     assert 'rawproxy_machine_starts_total{app="m",result="ok"} 1' in metrics
     assert 'rawproxy_machine_start_wait_seconds_count{app="m"} 1' in metrics
     assert f'rawproxy_target_state{{app="m",target="{HOST}:{target}",state="up"}} 1' in metrics
@@ -122,7 +113,7 @@ def test_a_start_that_fails_closes_its_clients(
         proxies, {"Start": {"URL": api.url("start")}, "StartTimeout": 0.5},
         [f"{HOST}:{target}"])
     closed_with(proxy, port, end)
-    metrics = admin_get(admin, "/metrics")
+    metrics = admin_body(admin, "/metrics")
     assert f'rawproxy_machine_starts_total{{app="m",result="{result}"}} 1' in metrics
     assert f'rawproxy_connections_ended_total{{app="m",end="{end}"}} 1' in metrics
     assert states(admin) == ["stopped"]
@@ -137,7 +128,7 @@ def test_a_hanging_hook_times_out_and_the_loop_keeps_serving(
     proxy, port, admin = start_proxy(
         proxies, {"Start": {"URL": api.url("start")}, "StartTimeout": 3},
         [f"{HOST}:{target}"], {"Name": "other", "Ports": 1, "Targets": [other.address]})
-    other_port = json.loads(admin_get(admin, "/config"))["Apps"][1]["Ports"][0]
+    other_port = json.loads(admin_body(admin, "/config"))["Apps"][1]["Ports"][0]
     stuck = connect(port)
     stuck.sendall(b"waiting")
     wait_until(lambda: api.count("start") == 1)
@@ -214,7 +205,7 @@ def test_autostop_after_stop_after_keeps_min_running(
     # And the proxy still serves, through the one left running.
     assert echo_once(port, b"still here") == b"still here"
     wait_until(lambda: 'rawproxy_machine_stops_total{app="m",result="ok"} 1'
-               in admin_get(admin, "/metrics"))
+               in admin_body(admin, "/metrics"))
 
 
 def test_a_client_racing_a_stop_waits_and_the_machine_starts_again(

@@ -14,7 +14,6 @@ where they fail: CI installs it (``.ci/run``).
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import signal
@@ -25,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 import pytest
 
 from tests.browser import PHONE, WIDE, BrowserMissing, set_viewport, skip_or_fail, start_chromium
-from tests.support import (FIRST_PICK, HOST, Backend, ProxyFactory, ProxyProcess, connect,
-                           dead_port, recv_until_eof, wait_until)
+from tests.support import (FIRST_PICK, HOST, Backend, ProxyFactory, ProxyProcess, admin_get,
+                           connect, dead_port, recv_until_eof, wait_until)
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -98,15 +97,6 @@ def admin_port(proxy: ProxyProcess) -> int:
     return int(match.group(1))
 
 
-def get(port: int, path: str, token: Optional[str] = None) -> tuple[int, str]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
 
 def metric(text: str, name: str, **labels: str) -> float:
     """The sum of ``name``'s samples whose labels include ``labels``."""
@@ -168,7 +158,7 @@ def test_the_page_shows_every_app_and_target_and_follows_the_traffic(
         echo(ports["web"][index % 2], b"w" * 1000)
     for _ in range(3):
         echo(ports["cache"][0], b"c" * 500)
-    status, metrics = get(port, "/metrics")
+    status, metrics = admin_get(port, "/metrics")
     assert status == 200
     web_failures = metric(metrics, "rawproxy_connect_failures_total", app="web")
     assert web_failures >= 1  # FIRST_PICK: the dead target is tried first
@@ -277,8 +267,8 @@ def test_with_a_token_the_page_asks_for_it(proxies: ProxyFactory, backend: Backe
     proxy, _ = proxies.start([{"Name": "web", "Ports": 1, "Targets": [backend().address]}],
                              "--admin", f"{HOST}:0", "--admin-token-file", str(token_file))
     port = admin_port(proxy)
-    assert get(port, "/config")[0] == 401
-    assert get(port, "/config", token)[0] == 200
+    assert admin_get(port, "/config")[0] == 401
+    assert admin_get(port, "/config", token)[0] == 200
 
     page.get(f"http://{HOST}:{port}/")
     field = page.find_element(By.ID, "token")

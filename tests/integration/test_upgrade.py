@@ -12,7 +12,6 @@ bar: nothing refused, nothing reset, every stream's bytes intact.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import random
@@ -29,8 +28,8 @@ from typing import Iterator, Optional, Sequence
 import pytest
 
 from rawproxy.upgrade import READY_TIMEOUT_S
-from tests.support import (HOST, IO_TIMEOUT_S, LAUNCHER, REPO, SelectorEcho, recv_exactly,
-                           recv_until_eof, stable_ports, wait_until, write_config)
+from tests.support import (HOST, IO_TIMEOUT_S, LAUNCHER, REPO, SelectorEcho, admin_get,
+                           recv_exactly, recv_until_eof, stable_ports, wait_until, write_config)
 
 REAPER = [sys.executable, "-m", "tests.integration.reaper", "--"]
 # Slow start-ups on a loaded host: the upgrade itself allows READY_TIMEOUT_S.
@@ -284,15 +283,6 @@ class Load:
         assert self.churn.done > 0
 
 
-def http_get(port: int, path: str) -> tuple[int, str]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=IO_TIMEOUT_S)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
 
 def unix_get(path: str, target: str) -> str:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -352,7 +342,7 @@ def test_sigusr2_with_two_workers_hands_over_every_socket(trees: list[Tree],
         def poll_admin() -> None:  # the admin port, handed over too, never refuses
             while not halt.is_set():
                 try:
-                    status, _ = http_get(admin, "/healthz")
+                    status, _ = admin_get(admin, "/healthz")
                     if status != 200:
                         admin_failures.append(f"status {status}")
                 except OSError as exc:
@@ -369,7 +359,7 @@ def test_sigusr2_with_two_workers_hands_over_every_socket(trees: list[Tree],
         # worker took one of the two, none bound its own.
         assert tree.proc.wait_for_count(r"hands over 3 sockets", 1) == 1
         assert tree.proc.wait_for_count(rf"port {tree.port}: serving the inherited", 2) == 2
-        status, _ = http_get(admin, "/metrics")
+        status, _ = admin_get(admin, "/metrics")
         assert status == 200
         assert tree.stop(new_pid) == 0
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -17,8 +16,9 @@ from typing import Callable
 from prometheus_client.parser import text_string_to_metric_families
 
 from rawproxy.supervisor import CONTROL_TIMEOUT_S
-from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, connect, dead_port,
-                           free_ports, recv_exactly, recv_until_eof, stable_ports, wait_until)
+from tests.support import (HOST, Backend, ProxyFactory, ProxyProcess, admin_body, connect,
+                           dead_port, free_ports, recv_exactly, recv_until_eof, stable_ports,
+                           wait_until)
 
 BackendFactory = Callable[..., Backend]
 
@@ -39,16 +39,6 @@ def worker_pids(proxy: ProxyProcess) -> dict[int, int]:
     return pids
 
 
-def get(port: int, path: str) -> str:
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        assert response.status == 200
-        return response.read().decode()
-    finally:
-        conn.close()
-
 
 def test_two_workers_share_the_ports_and_the_metrics(proxies: ProxyFactory,
                                                      backend: BackendFactory) -> None:
@@ -61,7 +51,7 @@ def test_two_workers_share_the_ports_and_the_metrics(proxies: ProxyFactory,
         assert echo(ports["a"][index % 2], b"%d" % index) == b"%d" % index
     accepted: dict[str, float] = {}
     slots: dict[str, float] = {}
-    for family in text_string_to_metric_families(get(admin, "/metrics")):
+    for family in text_string_to_metric_families(admin_body(admin, "/metrics")):
         for sample in family.samples:
             if sample.name == "rawproxy_connections_accepted_total":
                 accepted[sample.labels["worker"]] = sample.value
@@ -71,7 +61,7 @@ def test_two_workers_share_the_ports_and_the_metrics(proxies: ProxyFactory,
     assert set(accepted) == {"0", "1"}
     assert sum(accepted.values()) == 200
     assert min(accepted.values()) > 0, f"one worker took every connection: {accepted}"
-    views = json.loads(get(admin, "/config"))["Workers"]
+    views = json.loads(admin_body(admin, "/config"))["Workers"]
     assert [view["Apps"][0]["Name"] for view in views] == ["a", "a"]
 
 
@@ -140,7 +130,7 @@ def test_a_restarted_worker_serves_the_reloaded_config(proxies: ProxyFactory,
                proxy.count_lines(r"worker 0 started") == 2)
 
     def ports_of_each_worker() -> list[object]:
-        views = json.loads(get(admin, "/config"))["Workers"]
+        views = json.loads(admin_body(admin, "/config"))["Workers"]
         return [view and view["Apps"][0]["Ports"] for view in views]
 
     wait_until(lambda: ports_of_each_worker() == [[ports["a"][0], added]] * 2,
@@ -175,7 +165,7 @@ def test_a_target_one_worker_finds_dead_is_skipped_by_the_others(
     dead = f"{HOST}:{dead_port()}"
 
     def sibling_marked_it_down(admin: int) -> bool:
-        views = json.loads(get(admin, "/config"))["Workers"]
+        views = json.loads(admin_body(admin, "/config"))["Workers"]
         targets = [next(t for t in view["Apps"][0]["Status"]["Targets"]
                         if t["Address"] == dead)
                    for view in views]
@@ -244,7 +234,7 @@ def test_a_restarted_worker_keeps_the_last_accepted_config_after_a_rejected_edit
     wait_until(lambda: proxy.count_lines(r"worker 0 started") == 2)
 
     def ports_of_each_worker() -> list[object]:
-        views = json.loads(get(admin, "/config"))["Workers"]
+        views = json.loads(admin_body(admin, "/config"))["Workers"]
         return [view and view["Apps"][0]["Ports"] for view in views]
 
     wait_until(lambda: ports_of_each_worker() == [accepted] * 2,
@@ -263,7 +253,7 @@ def test_metrics_answer_within_one_deadline_when_workers_are_stuck(
         os.kill(pid, signal.SIGSTOP)
     try:
         started = time.monotonic()
-        text = get(admin, "/metrics")
+        text = admin_body(admin, "/metrics")
         elapsed = time.monotonic() - started
     finally:
         for pid in stuck:

@@ -291,17 +291,19 @@ def start_proxy(workdir: Path, launcher: str, extra: Sequence[str],
         procs.append(Proc("haproxy", pinned(PROXY_CPU, [*high, "haproxy", "-db", "-f",
                                                         str(config)]),
                           workdir / "haproxy.log", cwd=ROOT))
+    else:
+        procs.append(Proc("rawproxy", pinned(PROXY_CPU, [
+            *high, sys.executable, launcher, "--config", str(config),
+            "--listen-host", HOST, "--admin", f"{HOST}:{ports['admin']}",
+            "--log-level", "warning", *extra]), workdir / "rawproxy.log", cwd=ROOT))
+    try:
         procs[0].wait_listening([ports["echo_a"]])
         procs[1].wait_listening([ports["echo_b"]])
-        procs[2].wait_listening([ports["a"], ports["b"]])
-        return procs, ports
-    procs.append(Proc("rawproxy", pinned(PROXY_CPU, [
-        *high, sys.executable, launcher, "--config", str(config),
-        "--listen-host", HOST, "--admin", f"{HOST}:{ports['admin']}",
-        "--log-level", "warning", *extra]), workdir / "rawproxy.log", cwd=ROOT))
-    procs[0].wait_listening([ports["echo_a"]])
-    procs[1].wait_listening([ports["echo_b"]])
-    procs[2].wait_listening([ports["a"], ports["b"], ports["admin"]])
+        procs[2].wait_listening([ports[name] for name in ("a", "b", "admin") if name in ports])
+    except BaseException:  # a proxy that does not start: nothing is left running
+        for proc in reversed(procs):
+            proc.stop()
+        raise
     return procs, ports
 
 

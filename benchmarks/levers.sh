@@ -9,7 +9,7 @@
 #       path where that commit has it);
 #   sh benchmarks/levers.sh --ablate       issue #17's levers, one row each:
 #       this checkout's HEAD with every lever switched off (the patches in
-#       benchmarks/levers/, one per lever, each a one-line switch), then with
+#       benchmarks/levers/, one per lever, each of one-line switches), then with
 #       them switched back on one at a time, in the patches' order; the last
 #       row is HEAD as it is.  Same code otherwise, so the rows differ by
 #       the levers alone.  Run with `--peers rawproxy,rawproxy-info` (the

@@ -21,7 +21,11 @@ temporary directory, and stopped with SIGTERM afterwards:
   default);
 * ``rawproxy-info`` -- rawproxy at ``--log-level info``, one access-log line
   per connection: next to ``rawproxy`` in one run, it prices that line (not
-  run by default).
+  run by default);
+* ``floor`` -- :mod:`benchmarks.floor_proxy`, rawproxy's design and system
+  calls with every feature taken out: next to ``rawproxy`` and ``haproxy``
+  in one run, it splits the gap into CPython's share and the features'
+  (not run by default; Linux, Python 3.10+).
 
 ``unavailable()`` says why a peer cannot run here (its binary is missing),
 so the harness skips it with a note instead of failing.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -204,6 +209,15 @@ def _threads_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
             "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target}"]
 
 
+def _floor_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
+    return [sys.executable, str(HERE / "floor_proxy.py"),
+            "--listen", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{target}"]
+
+
+def _floor_check() -> Optional[str]:
+    return None if hasattr(os, "splice") else "floor needs os.splice (Linux, Python 3.10+)"
+
+
 def _uvloop_check() -> Optional[str]:
     if importlib.util.find_spec("uvloop") is None:
         return f"uvloop not importable by {sys.executable} (pip install uvloop)"
@@ -221,4 +235,5 @@ PEERS: tuple[Peer, ...] = (
     Peer("rawproxy-w2", _rawproxy_w2_argv, _rawproxy_has_workers, cpus="0,1", default=False),
     Peer("rawproxy-copy", _rawproxy_copy_argv, _always, default=False),
     Peer("rawproxy-info", _rawproxy_info_argv, _always, default=False),
+    Peer("floor", _floor_argv, _floor_check, default=False),
 )

@@ -5,8 +5,8 @@ buffer; :class:`SpliceSession` with ``splice(2)`` through a pooled pipe, so
 they never enter Python (Linux, Python 3.10+).  Both run the same relay
 rules (``session`` and ``relay``); only these four I/O methods differ.
 
-The fast path.  In the steady state (both sides read, nothing held, no
-FIN: ``Session._steady``) a readable side costs one fused handler: it
+The fast path.  In the steady state (each side read until its FIN,
+nothing held: ``Session._steady``) a readable side costs one fused handler: it
 borrows an empty pipe (or array) from the pool, reads into it, sends all
 of it on, counts the bytes and hands the pipe back, with no call into the
 flow, buffer or relay.  Anything unusual (a write or error event, no
@@ -23,14 +23,20 @@ import os
 import socket
 from typing import Optional
 
-from . import netio
-from .loop import EVENT_READ
+from . import netio, outcomes
+from .loop import EVENT_READ, EVENT_WRITE
 from .pipes import SPLICE_FLAGS, PipeBuffer
 from .relay import Flow, Relay
 from .ringbuf import RingBuffer
 from .session import B, Session
 
 _WOULD_BLOCK = netio.WOULD_BLOCK
+# The fast path takes EVENT_READ, and EVENT_READ | EVENT_WRITE: in the
+# steady state no side asks to write, so a write bit is a hang-up or an
+# error with bytes (or a FIN) to read, and the reference's send step would
+# find nothing to send (tests/unit/test_movers.py holds the two equal).
+_ALSO_TAKEN = EVENT_WRITE
+_TAKEN = EVENT_READ | _ALSO_TAKEN
 
 __all__ = ["CopySession", "SpliceSession"]
 
@@ -48,8 +54,8 @@ class _Mover(Session[B]):
         else:
             Session._on_target_events(self, EVENT_READ)
 
-    def _source_ended(self, flow: Flow[B], dst: socket.socket) -> None:
-        """A fast path read the source's FIN: go on as the reference would."""
+    def _end_by_reference(self, flow: Flow[B], dst: socket.socket) -> None:
+        """The source's FIN, the general code's way."""
         try:
             flow.on_received(0)
             self.last_active = self._ctx.loop.now
@@ -58,6 +64,32 @@ class _Mover(Session[B]):
             self._fail(exc)
             return
         self._settle()
+
+    def _source_ended(self, flow: Flow[B], dst: socket.socket) -> None:
+        """A fast path read the source's FIN, nothing held either way: the
+        reference's ``on_received(0)``, ``_send``, ``_after_source_ended``
+        and ``_settle``, fused.  The last direction to end closes the pair
+        (its FIN is the close's); the first is shut down and the pair goes
+        on half-open, still on the fast path for the other direction."""
+        relay = self.relay
+        if relay is None or flow.buffer.held:  # not the steady state's FIN
+            self._end_by_reference(flow, dst)
+            return
+        flow.src_eof = True
+        self.last_active = self._ctx.loop.now
+        other = relay.downstream if flow is relay.upstream else relay.upstream
+        if other.dst_shut:
+            flow.dst_shut = True
+            self.close(outcomes.DONE, reset=False)
+            return
+        try:
+            netio.shutdown_write(dst)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        flow.dst_shut = True
+        self._arm_inactivity_timer()  # half-open now: a shorter limit may apply
+        self._update_interest()
 
 
 class CopySession(_Mover[RingBuffer]):
@@ -70,7 +102,7 @@ class CopySession(_Mover[RingBuffer]):
 
     def _on_client_events(self, events: int) -> None:
         relay = self.relay
-        if events == EVENT_READ and self._steady and relay is not None:
+        if events | _ALSO_TAKEN == _TAKEN and self._steady and relay is not None:
             self._copy_through(relay.upstream, self.client, self._target_sock)
         else:
             Session._on_client_events(self, events)
@@ -78,7 +110,8 @@ class CopySession(_Mover[RingBuffer]):
     def _on_target_events(self, events: int) -> None:
         relay = self.relay
         target = self._target_sock
-        if events == EVENT_READ and self._steady and relay is not None and target is not None:
+        if (events | _ALSO_TAKEN == _TAKEN and self._steady and relay is not None
+                and target is not None):
             self._copy_through(relay.downstream, target, self.client)
         else:
             Session._on_target_events(self, events)
@@ -162,7 +195,7 @@ class SpliceSession(_Mover[PipeBuffer]):
 
     def _on_client_events(self, events: int) -> None:
         relay = self.relay
-        if events == EVENT_READ and self._steady and relay is not None:
+        if events | _ALSO_TAKEN == _TAKEN and self._steady and relay is not None:
             self._splice_through(relay.upstream, self._client_fd, self._target_fd,
                                  self._target_sock)
         else:
@@ -170,7 +203,7 @@ class SpliceSession(_Mover[PipeBuffer]):
 
     def _on_target_events(self, events: int) -> None:
         relay = self.relay
-        if events == EVENT_READ and self._steady and relay is not None:
+        if events | _ALSO_TAKEN == _TAKEN and self._steady and relay is not None:
             self._splice_through(relay.downstream, self._target_fd, self._client_fd,
                                  self.client)
         else:

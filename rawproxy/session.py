@@ -361,11 +361,17 @@ class Session(Generic[B]):
         assert relay is not None
         loop = self._ctx.loop
         client_mask, target_mask = relay.masks()
+        # Steady: nothing held, each side read until its FIN (one may have
+        # ended, half-open): the movers' fast path takes the readable side.
+        up_eof, down_eof = relay.upstream.src_eof, relay.downstream.src_eof
+        half_open_ok = not (up_eof and down_eof)
+        steady = half_open_ok and (client_mask == (0 if up_eof else EVENT_READ)
+                                   and target_mask == (0 if down_eof else EVENT_READ))
         loop.set_interest(self._client_fd, client_mask)
         loop.set_interest(self._target_fd, target_mask)
-        # Steady: both sides read, nothing held, no FIN; _pump may skip this
-        # call while that stays true (it is re-checked on every turn).
-        self._steady = client_mask == target_mask == EVENT_READ
+        # With no FIN yet, _settle may skip this call while that stays true
+        # (it is re-checked on every turn).
+        self._steady = steady
 
     def _inactivity_limit(self) -> tuple[Optional[float], str]:
         """How long the connection may sit with no bytes moving, and the end code."""

@@ -326,5 +326,6 @@ def test_the_fast_path_takes_the_steady_turns(runner: Callable[..., Any],
     script = [("send", "client", 100), ("send", "target", 100)] * 5
     outcome = runner(kind, script, [])
     assert outcome["got"]["target"] == pattern(0, 500)
-    # Only the two FINs (and the closing turn) go the general way.
-    assert len(general) <= 3, f"{len(general)} turns took the general path"
+    # Only the first read goes the general way (the pool has no spare yet):
+    # the FINs, the half-open turns and the closing hang-up are fast too.
+    assert len(general) <= 1, f"{len(general)} turns took the general path"

@@ -87,7 +87,7 @@ class Connector:
         self.port = port
         self._on_connected = on_connected
         self._on_failed = on_failed
-        self.started_at = loop.time()
+        self.started_at = loop.now  # this turn's time: all a connect budget needs
         self._deadline = self.started_at + budget_s
         self._addresses: list[Address] = []
         self._sock: Optional[socket.socket] = None
@@ -132,12 +132,10 @@ class Connector:
             return
         self._sock = sock
         self._fd = sock.fileno()
-        self._loop.watch(self._fd, self._on_writable)
-        self._loop.set_interest(self._fd, EVENT_WRITE)
+        self._loop.watch(self._fd, self._on_writable, mask=EVENT_WRITE)
         if self._timer is not None:
             self._timer.cancel()
-        now = self._loop.time()
-        share = address_share(self._deadline - now, len(self._addresses) + 1)
+        share = address_share(self._deadline - self._loop.now, len(self._addresses) + 1)
         self._timer = self._loop.call_later(share, self._on_timeout)
 
     def _on_writable(self, events: int) -> None:
@@ -191,7 +189,8 @@ class Connector:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._drop_socket()
+        if self._sock is not None:
+            self._drop_socket()
         return True
 
     def _drop_socket(self) -> None:

@@ -83,8 +83,11 @@ class Timer:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
-            if self._loop is not None:
-                self._loop._timer_cancelled()
+            loop = self._loop
+            if loop is not None:
+                loop._cancelled_timers += 1
+                if loop._cancelled_timers >= _COMPACT_MIN_CANCELLED:
+                    loop._timer_cancelled()
 
     def _fire(self) -> None:
         # Checked when it runs, not when it fell due: an earlier callback of
@@ -125,15 +128,20 @@ class EventLoop:
 
     # -- file descriptors -------------------------------------------------
 
-    def watch(self, fd: int, handler: Handler, errors_only: bool = False) -> None:
-        """Handle ``fd``'s events; with ``errors_only``, its errors and
-        hang-ups at once (``EVENT_ERROR``), as if its mask had dropped to empty."""
+    def watch(self, fd: int, handler: Handler, errors_only: bool = False,
+              mask: int = 0) -> None:
+        """Handle ``fd``'s events, those of ``mask`` from now on (as
+        ``set_interest`` would); with ``errors_only`` and no mask, its errors
+        and hang-ups at once (``EVENT_ERROR``), as if its mask had dropped
+        to empty."""
         if fd in self._handlers:
             raise ValueError(f"fd {fd} is already watched")
-        if errors_only:
+        if errors_only and not mask:
             self._poller.watch_errors(fd)
         self._handlers[fd] = handler
-        self._masks[fd] = 0
+        self._masks[fd] = mask
+        if mask:
+            self._poller.change(fd, 0, mask)
 
     def replace_handler(self, fd: int, handler: Handler) -> None:
         """Give a watched fd to another handler; its mask stays as it is."""
@@ -182,9 +190,9 @@ class EventLoop:
         return timer
 
     def _timer_cancelled(self) -> None:
-        self._cancelled_timers += 1
-        if (self._cancelled_timers >= _COMPACT_MIN_CANCELLED
-                and self._cancelled_timers * 2 > len(self._timers)):
+        """Many timers cancelled (``Timer.cancel`` counted them): compact
+        the heap when they are also the majority."""
+        if self._cancelled_timers * 2 > len(self._timers):
             self._timers = [entry for entry in self._timers if not entry[2].cancelled]
             heapq.heapify(self._timers)
             self._cancelled_timers = 0

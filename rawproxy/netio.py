@@ -14,6 +14,7 @@ boundary):
 
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import socket
@@ -224,9 +225,14 @@ def shutdown_write(sock: socket.socket) -> None:
         raise
 
 
+_c_close = _socket.socket.close
+
+
 def close(sock: socket.socket) -> None:
+    # The C close: socket.socket's Python close() is two more calls, and
+    # only matters for makefile() streams, which no proxied socket has.
     try:
-        sock.close()
+        _c_close(sock)
     except OSError:
         pass
 

@@ -39,7 +39,7 @@ import socket
 from typing import Any, Callable, Optional
 
 from . import netio, outcomes
-from .accesslog import log_access
+from .accesslog import access_log, log_access
 from .admission import Admission
 from .config import App, Config
 from .counters import Counters, SharedCounters
@@ -233,33 +233,32 @@ class Server:
     def _on_client(self, listener: Listener, client: socket.socket, addr: object) -> None:
         route = listener.route
         app = route.app
-        client_addr = netio.format_sockaddr(addr)
         route.stats.accepted += 1
         if app.allow_from and not _is_allowed(addr, app):
             listener.batch = 1
             route.stats.denied += 1
             route.stats.ended(outcomes.DENIED)
-            log_access(app.name, listener.port, client_addr, "-", 0, 0, 0, outcomes.DENIED,
-                       "not in AllowFrom")
+            log_access(app.name, listener.port, netio.format_sockaddr(addr), "-", 0, 0, 0,
+                       outcomes.DENIED, "not in AllowFrom")
             netio.abort(client)
             return
         if not app.targets:  # --etcd: the app's registered targets all left
             listener.batch = 1
             route.stats.ended(outcomes.NO_TARGET)
-            log_access(app.name, listener.port, client_addr, "-", 0, 0, 0,
+            log_access(app.name, listener.port, netio.format_sockaddr(addr), "-", 0, 0, 0,
                        outcomes.NO_TARGET, "the app has no target")
             client.close()
             return
         if app.per_client is not None:
             why = self.per_client.admit(app.name, addr, client)
             if why:
-                self._client_limited(listener, client, client_addr, why)
+                self._client_limited(listener, client, netio.format_sockaddr(addr), why)
                 return
         client.setblocking(False)
         if not listener.nodelay_inherited:
             netio.set_nodelay(client)
         listener.batch = self.listeners.accept_batch
-        session = self._session_class(self._ctx, route, client, client_addr, listener.port)
+        session = self._session_class(self._ctx, route, client, addr, listener.port)
         self.sessions.add(session)
         self.admission.consume()
         self.active_by_app[app.name] = self.active_by_app.get(app.name, 0) + 1
@@ -308,14 +307,17 @@ class Server:
         elif current is not None and current.app.max_connections is not None:
             self.listeners.refresh(app.name)
         stats = session.route.stats
-        bytes_in, bytes_out = session.bytes_from_client, session.bytes_from_target
+        relay = session.relay
+        bytes_in = relay.upstream.bytes_sent if relay is not None else 0
+        bytes_out = relay.downstream.bytes_sent if relay is not None else 0
         stats.bytes_in += bytes_in
         stats.bytes_out += bytes_out
         stats.ended(session.end)
-        log_access(app.name, session.listen_port, session.client_addr,
-                   session.target.address if session.target is not None else "-",
-                   bytes_in, bytes_out, int((self.loop.now - session.started_at) * 1000),
-                   session.end, session.end_detail)
+        if access_log.isEnabledFor(logging.INFO):  # not even the client's text otherwise
+            log_access(app.name, session.listen_port, session.client_addr,
+                       session.target.address if session.target is not None else "-",
+                       bytes_in, bytes_out, int((self.loop.now - session.started_at) * 1000),
+                       session.end, session.end_detail)
         if not self.sessions and self._ctx.pipes is not None and self._trim_timer is None:
             self._trim_timer = self.loop.call_later(PIPE_TRIM_AFTER_S, self._trim_pipes)
         if self._draining and not self.sessions:

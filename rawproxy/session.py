@@ -22,9 +22,9 @@ to a target (:meth:`~rawproxy.router.Balancer.acquire`) is given back when
 its connect fails or the session closes, and the queue is told.
 
 RELAYING moves bytes with the sans-IO :class:`~rawproxy.relay.Relay`: a
-readable side is read into its flow's buffer and the buffer is sent on at
-once, so write interest is registered only for leftovers, and in the steady
-state (nothing held, no FIN) the interest is not even recomputed.  FIN
+readable side is read into its flow's buffer and sent on at once, so write
+interest is registered only for leftovers (the steady state, nothing held:
+:mod:`rawproxy.movers`' fast path).  FIN
 becomes ``shutdown(SHUT_WR)`` toward the other side; reset or error on
 either side aborts both (RST where the OS allows), including a side that is
 neither read nor written (``EVENT_ERROR`` from the loop's error watch).
@@ -103,7 +103,7 @@ class Session(Generic[B]):
     """The connection logic; subclasses move the bytes (copy or splice)."""
 
     __slots__ = (
-        "_ctx", "route", "client", "client_addr", "listen_port", "state",
+        "_ctx", "route", "client", "_client_sockaddr", "listen_port", "state",
         "target", "_target_sock", "_tried", "_last_error", "_connector",
         "_idle_timer", "relay", "started_at", "last_active",
         "end", "end_detail", "_client_fd", "_target_fd", "_steady", "_counted",
@@ -111,12 +111,12 @@ class Session(Generic[B]):
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
-                 client_addr: str, listen_port: int) -> None:
+                 client_addr: object, listen_port: int) -> None:
         self._ctx = ctx
         self.route = route
         self.client = client
         self._client_fd = client.fileno()
-        self.client_addr = client_addr
+        self._client_sockaddr = client_addr  # as accept gave it: text only when needed
         self.listen_port = listen_port
         self.state = State.CONNECTING
         self.target: Optional[Target] = None
@@ -135,13 +135,16 @@ class Session(Generic[B]):
         self.end = ""          # short code: done, reset, idle-timeout, connect-failed, ...
         self.end_detail = ""   # why, for the access log
 
+    @property
+    def client_addr(self) -> str:  # host:port or [v6]:port, for logs and views
+        return netio.format_sockaddr(self._client_sockaddr)
+
     # -- connecting and failover -------------------------------------------
 
     def start(self) -> None:
-        # Errors only, while a target is tried: the client's bytes wait in
-        # the kernel, but a client that resets must not cost a backend
-        # connect.  A plain FIN is no reason to give up: a half-closing
-        # client still wants its answer.
+        # Errors only, while a target is tried: the client's bytes wait in the
+        # kernel, but a client that resets must not cost a backend connect.
+        # A FIN is no reason to give up: a half-closing client wants its answer.
         self._ctx.loop.watch(self._client_fd, self._on_client_events, errors_only=True)
         if self._ctx.queues.length(self.route.app.name):
             self._wait()  # others wait already: first come, first served
@@ -149,7 +152,7 @@ class Session(Generic[B]):
             self._try_next_target()
 
     def _try_next_target(self) -> None:
-        target = self.route.balancer.acquire(self._ctx.loop.time(), self._tried)
+        target = self.route.balancer.acquire(self._ctx.loop.now, self._tried)
         if target is None:
             if not self._wait_for_machine():
                 self.close(outcomes.CONNECT_FAILED, reset=False, detail=self._last_error)
@@ -206,8 +209,7 @@ class Session(Generic[B]):
             self._ctx.queues.freed(self.route.app.name)
 
     def _on_connect_failed(self, reason: str, detail: str) -> None:
-        """``reason`` is a short label for metrics; ``detail`` says more in logs."""
-        self._connector = None
+        self._connector = None  # reason: a label for metrics; detail: more, for logs
         self._give_back()
         if reason == outcomes.NO_RESOURCES:
             self._no_resources(detail)  # ours, not the target's: no failover either
@@ -233,7 +235,7 @@ class Session(Generic[B]):
         self.route.balancer.record_success(self.target)
         target_stats = self.route.stats.target(self.target.address)
         target_stats.connected += 1
-        target_stats.latency.observe(loop.time() - connector.started_at)
+        target_stats.latency.observe(loop.now - connector.started_at)
         try:
             self._start_relaying(sock)
         except Exception as exc:
@@ -369,9 +371,7 @@ class Session(Generic[B]):
                                    and target_mask == (0 if down_eof else EVENT_READ))
         loop.set_interest(self._client_fd, client_mask)
         loop.set_interest(self._target_fd, target_mask)
-        # With no FIN yet, _settle may skip this call while that stays true
-        # (it is re-checked on every turn).
-        self._steady = steady
+        self._steady = steady  # with no FIN yet, _settle skips this call while true
 
     def _inactivity_limit(self) -> tuple[Optional[float], str]:
         """How long the connection may sit with no bytes moving, and the end code."""
@@ -388,7 +388,7 @@ class Session(Generic[B]):
             return  # it re-reads the limit when it fires, and re-arms itself
         limit, _ = self._inactivity_limit()
         if limit is not None:
-            remaining = limit - (self._ctx.loop.time() - self.last_active)
+            remaining = limit - (self._ctx.loop.now - self.last_active)
             self._idle_timer = self._ctx.loop.call_later(max(0.0, remaining),
                                                          self._on_idle_check)
 

@@ -22,6 +22,10 @@ temporary directory, and stopped with SIGTERM afterwards:
 * ``rawproxy-info`` -- rawproxy at ``--log-level info``, one access-log line
   per connection: next to ``rawproxy`` in one run, it prices that line (not
   run by default);
+* ``rawproxy-base`` -- rawproxy from another checkout, the directory named
+  by ``RAWPROXY_BASE`` (``git worktree add /tmp/base COMMIT``), with the same
+  options as ``rawproxy``: before and after a change, interleaved round by
+  round in one run (not run by default);
 * ``floor`` -- :mod:`benchmarks.floor_proxy`, rawproxy's design and system
   calls with every feature taken out: next to ``rawproxy`` and ``haproxy``
   in one run, it splits the gap into CPython's share and the features'
@@ -138,11 +142,11 @@ def _always() -> Optional[str]:
 
 
 def _rawproxy_argv(ctx: PeerContext, port: int, target: int,
-                   extra: Sequence[str] = ()) -> list[str]:
+                   extra: Sequence[str] = (), tree: Path = ROOT) -> list[str]:
     config = ctx.workdir / f"rawproxy-{port}.json"
     config.write_text(json.dumps({"Apps": [{"Name": "bench", "Ports": [port],
                                             "Targets": [f"127.0.0.1:{target}"]}]}))
-    return [sys.executable, str(ROOT / "rawproxy.py"), "--config", str(config),
+    return [sys.executable, str(tree / "rawproxy.py"), "--config", str(config),
             "--listen-host", "127.0.0.1", "--log-level", "warning",
             "--drain-timeout", "2", *ctx.rawproxy_args, *extra]
 
@@ -153,6 +157,17 @@ def _rawproxy_w2_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
 
 def _rawproxy_copy_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
     return _rawproxy_argv(ctx, port, target, ("--no-splice",))
+
+
+def _rawproxy_base_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
+    return _rawproxy_argv(ctx, port, target, tree=Path(os.environ["RAWPROXY_BASE"]))
+
+
+def _rawproxy_base_check() -> Optional[str]:
+    base = os.environ.get("RAWPROXY_BASE", "")
+    if not base:
+        return "RAWPROXY_BASE names no checkout to compare with"
+    return None if (Path(base) / "rawproxy.py").is_file() else f"no rawproxy.py in {base}"
 
 
 def _rawproxy_info_argv(ctx: PeerContext, port: int, target: int) -> list[str]:
@@ -235,5 +250,6 @@ PEERS: tuple[Peer, ...] = (
     Peer("rawproxy-w2", _rawproxy_w2_argv, _rawproxy_has_workers, cpus="0,1", default=False),
     Peer("rawproxy-copy", _rawproxy_copy_argv, _always, default=False),
     Peer("rawproxy-info", _rawproxy_info_argv, _always, default=False),
+    Peer("rawproxy-base", _rawproxy_base_argv, _rawproxy_base_check, default=False),
     Peer("floor", _floor_argv, _floor_check, default=False),
 )

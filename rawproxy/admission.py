@@ -85,7 +85,7 @@ class Admission:
 
     def reserve(self, route: Route) -> bool:
         """Take the app's slot for the client about to be accepted."""
-        if not self._total_has_room(reserve=True):
+        if self.max_connections is not None and not self._total_has_room(reserve=True):
             return False
         limit = route.app.max_connections
         if limit is None:
@@ -116,7 +116,8 @@ class Admission:
             route.counters.give_back(route.slot)
         else:
             route.counters.add(route.slot, -1)
-        self._release_total()
+        if self.max_connections is not None:
+            self._release_total()
 
     def _release_total(self) -> None:
         if self.max_connections is not None:

@@ -251,7 +251,12 @@ class EventLoop:
             self.run_once()
 
     def run_once(self, max_wait_s: Optional[float] = None) -> None:
-        ready = self._poller.poll(self._select_timeout(max_wait_s))
+        # With no timer and nothing ready, the wait is max_wait_s (the
+        # usual turn under load skips a call, as it skips the two below).
+        timeout = (self._select_timeout(max_wait_s) if self._timers or self._ready
+                   or self._stopping or (max_wait_s or 0.0) > MAX_SELECT_WAIT_S
+                   else max_wait_s)
+        ready = self._poller.poll(timeout)
         self.now = self._clock()
         handlers = self._handlers
         stale = self._unwatched_in_batch
@@ -271,8 +276,11 @@ class EventLoop:
             except Exception:
                 log.exception("unhandled error in handler for fd %d", fd)
         stale.clear()
-        self._run_due_timers()
-        self._run_ready()
+        timers = self._timers
+        if timers and timers[0][0] <= self.now:
+            self._run_due_timers()
+        if self._ready:
+            self._run_ready()
 
     def _select_timeout(self, max_wait_s: Optional[float]) -> Optional[float]:
         if self._ready or self._stopping:

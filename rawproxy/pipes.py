@@ -99,7 +99,8 @@ class PipeBuffer(HeldBytes):
     __slots__ = ("_pool", "_pipe", "_full")
 
     def __init__(self, pool: PipePool) -> None:
-        super().__init__(pool.capacity)
+        self.capacity = pool.capacity
+        self.held = 0
         self._pool = pool
         self._pipe: Optional[Pipe] = None
         self._full = False

@@ -135,5 +135,5 @@ class Relay(Generic[B]):
         return len(self.upstream.buffer) + len(self.downstream.buffer)
 
     def close(self) -> None:
-        self.upstream.close()
-        self.downstream.close()
+        self.upstream.buffer.close()  # Flow.close, a call fewer each
+        self.downstream.buffer.close()

@@ -61,14 +61,13 @@ class HeldBytes:
     """Byte accounting shared by RingBuffer and pipes.PipeBuffer.
 
     ``held`` is a plain attribute, read on the hot path; only the buffer
-    itself writes it.
+    itself writes it.  The subclasses set both in their ``__init__`` (two
+    per connection: no call up to a base ``__init__``).
     """
 
     __slots__ = ("capacity", "held")
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.held = 0
+    capacity: int
+    held: int
 
     def __len__(self) -> int:
         return self.held
@@ -106,7 +105,8 @@ class RingBuffer(HeldBytes):
     __slots__ = ("_pool", "_storage", "_view", "_start")
 
     def __init__(self, pool: BufferPool) -> None:
-        super().__init__(pool.buffer_bytes)
+        self.capacity = pool.buffer_bytes
+        self.held = 0
         self._pool = pool
         self._storage: Optional[bytearray] = None
         self._view: Optional[memoryview] = None

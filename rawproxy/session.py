@@ -9,17 +9,15 @@ CONNECTING is one :class:`~rawproxy.connect.Connector` per target tried
 (``ConnectTimeout`` each); a failure is charged to the target and the next
 untried one is chosen, but a shortage of our own closes the session with
 no verdict.  Nothing is read from the client meanwhile (the kernel holds
-its early bytes, in order, for the relay to deliver first); only a reset
-of the client is watched for, so it costs no backend connect.  WAITING
-(still state CONNECTING): every eligible target is at the app's
-``HardLimit``, so the session waits in the app's queue
-(:mod:`rawproxy.waitqueue`), its client unread, until a slot frees
-(``resume``: failover goes on from the targets not yet tried) or
-``QueueTimeout`` passes (``end=queue-timeout``).  When every target failed
-on an app with ``Machines``, it waits likewise for a machine to start
-(:mod:`rawproxy.autostart`: ``machine_ready`` or ``close``).  The connection counted
-to a target (:meth:`~rawproxy.router.Balancer.acquire`) is given back when
-its connect fails or the session closes, and the queue is told.
+its early bytes, in order); only its reset is watched for, so it costs no
+backend connect.  WAITING (still CONNECTING): every eligible target is at
+its ``HardLimit``; the session waits in the app's queue
+(:mod:`rawproxy.waitqueue`) until a slot frees (``resume``: failover goes
+on) or ``QueueTimeout`` passes.  Every target failed on an app with
+``Machines``: it waits likewise for a machine to start
+(:mod:`rawproxy.autostart`).  The connection counted to a target
+(:meth:`~rawproxy.router.Balancer.acquire`) is given back when its connect
+fails or the session closes, and the queue is told.
 
 RELAYING moves bytes with the sans-IO :class:`~rawproxy.relay.Relay`: a
 readable side is read into its flow's buffer and sent on at once, so write
@@ -28,10 +26,9 @@ interest is registered only for leftovers (the steady state, nothing held:
 becomes ``shutdown(SHUT_WR)`` toward the other side; reset or error on
 either side aborts both (RST where the OS allows), including a side that is
 neither read nor written (``EVENT_ERROR`` from the loop's error watch).
-A timeout that would drop buffered bytes resets rather than FINs, so a
-truncated stream never passes for a whole one.  Any failure to allocate
-(socket, pipe, buffer) closes the session cleanly.  Every socket is closed
-exactly once, in :meth:`Session.close`.
+A timeout that would drop buffered bytes resets rather than FINs (a cut
+stream never passes for a whole one).  A failure to allocate closes the
+session cleanly.  Every socket is closed once, in :meth:`Session.close`.
 
 :class:`Session` holds the logic; its subclasses in :mod:`rawproxy.movers`
 move the bytes (``recv_into``/``send`` through a ring, or ``splice(2)``).
@@ -107,7 +104,7 @@ class Session(Generic[B]):
         "target", "_target_sock", "_tried", "_last_error", "_connector",
         "_idle_timer", "relay", "started_at", "last_active",
         "end", "end_detail", "_client_fd", "_target_fd", "_steady", "_counted",
-        "_machine_waited",
+        "_machine_waited", "_queued",
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
@@ -125,6 +122,7 @@ class Session(Generic[B]):
         self._tried: list[Target] = []
         self._counted: Optional[Target] = None  # acquire() counted it: give it back
         self._machine_waited = False  # waited for a machine start once already
+        self._queued = False  # was in the app's queue: close makes it leave
         self._last_error = ""
         self._connector: Optional[Connector] = None
         self._idle_timer: Optional[Timer] = None
@@ -142,9 +140,8 @@ class Session(Generic[B]):
     # -- connecting and failover -------------------------------------------
 
     def start(self) -> None:
-        # Errors only, while a target is tried: the client's bytes wait in the
-        # kernel, but a client that resets must not cost a backend connect.
-        # A FIN is no reason to give up: a half-closing client wants its answer.
+        # Errors only, while a target is tried: a client's reset must not cost a
+        # backend connect; its FIN is no reason to give up (it wants its answer).
         self._ctx.loop.watch(self._client_fd, self._on_client_events, errors_only=True)
         if self._ctx.queues.length(self.route.app.name):
             self._wait()  # others wait already: first come, first served
@@ -171,6 +168,7 @@ class Session(Generic[B]):
         self._connector.start()
 
     def _wait(self) -> None:
+        self._queued = True
         self._ctx.queues.wait(self, self.route.app.name, self.route.app.queue_timeout_s)
 
     @property
@@ -238,10 +236,8 @@ class Session(Generic[B]):
         target_stats.latency.observe(loop.now - connector.started_at)
         try:
             self._start_relaying(sock)
-        except Exception as exc:
-            # No pipe or buffer for this connection, or the client vanished:
-            # close cleanly, never leave a session half set up.
-            self._fail(exc)
+        except Exception as exc:  # no pipe or buffer, or the client vanished:
+            self._fail(exc)          # closed cleanly, never left half set up
             return
         # Most clients speak first, and their bytes are waiting by now: read
         # them at once, not one wake-up later (HAProxy does the same).
@@ -249,16 +245,21 @@ class Session(Generic[B]):
 
     def _start_relaying(self, target_sock: socket.socket) -> None:
         netio.set_nodelay(target_sock)
-        self.relay = relay = self._new_relay()
-        version = self.route.app.proxy_protocol
-        if version is not None:
-            # Before any client byte: the target reads the real client first.
-            header = proxyproto.header(version, self.client.getpeername(),
-                                       self.client.getsockname())
-            relay.upstream.buffer.append(header)
+        self.relay, app = self._new_relay(), self.route.app
         self.state = State.RELAYING
         self.last_active = self._ctx.loop.now
-        self._arm_inactivity_timer()
+        if app.idle_timeout_s is not None:  # else no limit until a FIN
+            self._arm_inactivity_timer()
+        if app.proxy_protocol is None:  # nothing held: both sides read, steady
+            loop = self._ctx.loop
+            loop.set_interest(self._client_fd, EVENT_READ)
+            loop.set_interest(self._target_fd, EVENT_READ)
+            self._steady = True
+            return
+        # Before any client byte: the target reads the real client first.
+        header = proxyproto.header(app.proxy_protocol, self.client.getpeername(),
+                                   self.client.getsockname())
+        self.relay.upstream.buffer.append(header)
         self._update_interest()
 
     def _fail(self, exc: Exception) -> None:
@@ -270,8 +271,7 @@ class Session(Generic[B]):
         elif netio.is_local_shortage(exc):
             self._no_resources(detail)
         else:
-            # A bug must cost this one connection, not the loop: left open,
-            # a broken session would fire (and fail) on every turn.
+            # A bug costs this connection, not the loop (left open, it would fail every turn).
             log.exception("app %s: internal error in a session", self.route.app.name)
             self.close(outcomes.ERROR, reset=True, detail=repr(exc))
 
@@ -363,8 +363,7 @@ class Session(Generic[B]):
         assert relay is not None
         loop = self._ctx.loop
         client_mask, target_mask = relay.masks()
-        # Steady: nothing held, each side read until its FIN (one may have
-        # ended, half-open): the movers' fast path takes the readable side.
+        # Steady: nothing held, each side read until its FIN (half-open too).
         up_eof, down_eof = relay.upstream.src_eof, relay.downstream.src_eof
         half_open_ok = not (up_eof and down_eof)
         steady = half_open_ok and (client_mask == (0 if up_eof else EVENT_READ)
@@ -431,7 +430,8 @@ class Session(Generic[B]):
         if self._connector is not None:
             self._connector.cancel()
             self._connector = None
-        self._ctx.queues.leave(self)
+        if self._queued:
+            self._ctx.queues.leave(self)
         self._give_back()
         if self._idle_timer is not None:
             self._idle_timer.cancel()

@@ -50,8 +50,12 @@ def test_the_floor_echoes_a_half_closed_stream_whole(floor: object, size: int) -
     data = os.urandom(size)
     with connect(_port(floor)) as client:
         got: list[bytes] = []
-        writer = threading.Thread(target=lambda: (client.sendall(data),
-                                                  client.shutdown(socket.SHUT_WR)))
+
+        def send_all_then_fin() -> None:
+            client.sendall(data)
+            client.shutdown(socket.SHUT_WR)
+
+        writer = threading.Thread(target=send_all_then_fin)
         writer.start()
         if size > 16:
             # Nobody reads the echo yet: the backend stops reading, and the

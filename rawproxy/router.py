@@ -88,6 +88,16 @@ class TargetHealth:
 HealthChange = Callable[[str, float], None]
 
 
+def _draw(point: float, healths: list[TargetHealth]) -> int:
+    """The index ``point`` (in [0, total weight)) falls on, the targets'
+    weights laid end to end in order (balance._weighted's walk)."""
+    for index, health in enumerate(healths):
+        point -= health.target.weight
+        if point < 0:
+            return index
+    return len(healths) - 1  # float rounding at the very top end
+
+
 class Balancer:
     def __init__(self, targets: Iterable[Target], rng: random.Random,
                  backoff: Optional[Backoff] = None,
@@ -103,6 +113,7 @@ class Balancer:
         self._health = {t: TargetHealth(t, self._counters.slot(app_name, t.address), index)
                         for index, t in enumerate(targets)}
         self._by_tag = list(self._health.values())
+        self._total_weight = sum(t.weight for t in self._health)
         self._limits = limits
         self._least_connections = least_connections
         self._rng = rng
@@ -127,6 +138,17 @@ class Balancer:
         """The target for the next attempt, counted as open (give it back
         with :meth:`release`); WAIT when every eligible target is at its
         hard limit; None when every target was tried."""
+        healths = self._by_tag
+        if self._limits is None and not self._least_connections and not tried and healths:
+            # The usual first attempt, without building candidates: one
+            # weighted draw among all targets, kept when it is up (SPEC 4's
+            # distribution: a draw that hits an up target is one drawn among
+            # the up targets alone); else the full decision below draws again.
+            health = healths[0] if len(healths) == 1 else healths[_draw(
+                self._rng.random() * self._total_weight, healths)]
+            if not (health.check_failed or health.stopped or now < health.down_until):
+                self._counters.add(health.slot, 1)
+                return health.target
         # A stopped machine (SPEC 10) is no candidate at all, even when
         # every target is down: its start is rawproxy.autostart's business.
         untried = [h for h in self._health.values()

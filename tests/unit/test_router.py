@@ -59,6 +59,30 @@ def test_weights_three_to_one(seed: int) -> None:
     assert counts[light] == 10_000 - counts[heavy]
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_first_attempts_split_by_weight_among_the_targets_that_are_up(seed: int) -> None:
+    # A first attempt draws among all targets and keeps an up one; a draw
+    # that hits a down one is drawn again among the up ones: the split is
+    # by weight among those up, whatever share the down ones had.
+    balancer = make_balancer([{"Address": "192.0.2.1:80", "Weight": 1},
+                              {"Address": "192.0.2.2:80", "Weight": 6},
+                              {"Address": "192.0.2.3:80", "Weight": 3}], seed)
+    light, down, heavy = balancer.targets
+    balancer.record_failure(down, 0.0, "refused")
+    counts = pick_counts(balancer, 8_000, now=0.5)
+    assert counts[down] == 0
+    assert 1_800 <= counts[light] <= 2_200  # 1 / (1 + 3) of 8,000
+    assert counts[heavy] == 8_000 - counts[light]
+
+
+def test_a_stopped_target_is_never_a_first_attempt() -> None:
+    balancer = make_balancer([{"Address": "192.0.2.1:80", "Weight": 1},
+                              {"Address": "192.0.2.2:80", "Weight": 1_000_000}])
+    up, stopped = balancer.targets
+    balancer.set_stopped(stopped, True)
+    assert pick_counts(balancer, 200) == Counter({up: 200})
+
+
 def test_single_target_is_always_chosen() -> None:
     balancer = make_balancer(["192.0.2.1:80"])
     (only,) = balancer.targets

@@ -89,7 +89,10 @@ class _Mover(Session[B]):
             return
         flow.dst_shut = True
         self._arm_inactivity_timer()  # half-open now: a shorter limit may apply
-        self._update_interest()
+        # What _update_interest would find: the ended side unread, the other
+        # still read, nothing to write, and the pair still steady.
+        ended_fd = self._client_fd if flow is relay.upstream else self._target_fd
+        self._ctx.loop.set_interest(ended_fd, 0)
 
 
 class CopySession(_Mover[RingBuffer]):

@@ -262,7 +262,7 @@ class Server:
         self.sessions.add(session)
         self.admission.consume()
         self.active_by_app[app.name] = self.active_by_app.get(app.name, 0) + 1
-        if self._at_total_limit():
+        if self.max_connections is not None and self._at_total_limit():
             self.listeners.refresh()
         elif (app.max_connections is not None
               and route.counters.total(route.slot) >= app.max_connections):

@@ -63,10 +63,16 @@ class Direction:
         self.ended = False
 
     def on_readable(self, events: int) -> None:
-        if self.held:
-            return
+        if self.held:  # parked: its source is unread until dst drains
+            if events & select.EPOLLERR:  # a reset, reported whatever the mask
+                self.conn.close()
+            return  # a hang-up (FIN both ways) waits: the parked bytes still go
         proxy = self.conn.proxy
-        pipe = proxy.pipes.take()
+        try:
+            pipe = proxy.pipes.take()
+        except OSError:  # no descriptors for a pipe: this connection ends
+            self.conn.close()
+            return
         try:
             got = os.splice(self.src.fileno(), pipe[1], CHUNK, flags=FLAGS)
         except BlockingIOError:
@@ -196,6 +202,7 @@ class Conn:
             fd = sock.fileno()
             if proxy.handlers.pop(fd, None) is not None:
                 proxy.epoll.unregister(fd)
+                proxy.closed_in_batch.add(fd)  # its number may be reused in this batch
             sock.close()
 
 
@@ -205,6 +212,7 @@ class Proxy:
         self.epoll = select.epoll()
         self.pipes = Pipes()
         self.handlers: dict[int, Handler] = {}
+        self.closed_in_batch: set[int] = set()
         self.listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         self.listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
         self.listener.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
@@ -240,12 +248,16 @@ class Proxy:
     def run(self) -> None:
         poll = self.epoll.poll
         handlers = self.handlers
+        stale = self.closed_in_batch
         while self.running:
             try:
                 events = poll(1.0)
             except InterruptedError:
                 continue
+            stale.clear()
             for fd, mask in events:
+                if stale and fd in stale:
+                    continue  # closed earlier in this batch: not the new socket's
                 handler = handlers.get(fd)
                 if handler is not None:
                     handler(mask)

@@ -87,7 +87,9 @@ class Connector:
         self.port = port
         self._on_connected = on_connected
         self._on_failed = on_failed
-        self.started_at = loop.now  # this turn's time: all a connect budget needs
+        # The clock, not the turn's time: a connector may be built outside a
+        # turn (health checks start before the loop runs), when now is stale.
+        self.started_at = loop.clock()
         self._deadline = self.started_at + budget_s
         self._addresses: list[Address] = []
         self._sock: Optional[socket.socket] = None
@@ -135,7 +137,7 @@ class Connector:
         self._loop.watch(self._fd, self._on_writable, mask=EVENT_WRITE)
         if self._timer is not None:
             self._timer.cancel()
-        share = address_share(self._deadline - self._loop.now, len(self._addresses) + 1)
+        share = address_share(self._deadline - self._loop.clock(), len(self._addresses) + 1)
         self._timer = self._loop.call_later(share, self._on_timeout)
 
     def _on_writable(self, events: int) -> None:

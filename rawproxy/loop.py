@@ -120,6 +120,9 @@ class EventLoop:
         self._stopping = False
         self._closed = False
         self.now = clock()
+        # The clock itself, for a caller that needs the time now and not
+        # the turn's (``now``): one C call, no Python frame of time().
+        self.clock = clock
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
         self._wake_send.setblocking(False)

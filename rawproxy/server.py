@@ -233,32 +233,35 @@ class Server:
     def _on_client(self, listener: Listener, client: socket.socket, addr: object) -> None:
         route = listener.route
         app = route.app
+        # The text now, not the tuple kept for later: 64 bytes an idle
+        # connection, not about 140.
+        client_addr = netio.format_sockaddr(addr)
         route.stats.accepted += 1
         if app.allow_from and not _is_allowed(addr, app):
             listener.batch = 1
             route.stats.denied += 1
             route.stats.ended(outcomes.DENIED)
-            log_access(app.name, listener.port, netio.format_sockaddr(addr), "-", 0, 0, 0,
+            log_access(app.name, listener.port, client_addr, "-", 0, 0, 0,
                        outcomes.DENIED, "not in AllowFrom")
             netio.abort(client)
             return
         if not app.targets:  # --etcd: the app's registered targets all left
             listener.batch = 1
             route.stats.ended(outcomes.NO_TARGET)
-            log_access(app.name, listener.port, netio.format_sockaddr(addr), "-", 0, 0, 0,
+            log_access(app.name, listener.port, client_addr, "-", 0, 0, 0,
                        outcomes.NO_TARGET, "the app has no target")
             client.close()
             return
         if app.per_client is not None:
             why = self.per_client.admit(app.name, addr, client)
             if why:
-                self._client_limited(listener, client, netio.format_sockaddr(addr), why)
+                self._client_limited(listener, client, client_addr, why)
                 return
         client.setblocking(False)
         if not listener.nodelay_inherited:
             netio.set_nodelay(client)
         listener.batch = self.listeners.accept_batch
-        session = self._session_class(self._ctx, route, client, addr, listener.port)
+        session = self._session_class(self._ctx, route, client, client_addr, listener.port)
         self.sessions.add(session)
         self.admission.consume()
         self.active_by_app[app.name] = self.active_by_app.get(app.name, 0) + 1

@@ -100,7 +100,7 @@ class Session(Generic[B]):
     """The connection logic; subclasses move the bytes (copy or splice)."""
 
     __slots__ = (
-        "_ctx", "route", "client", "_client_sockaddr", "listen_port", "state",
+        "_ctx", "route", "client", "client_addr", "listen_port", "state",
         "target", "_target_sock", "_tried", "_last_error", "_connector",
         "_idle_timer", "relay", "started_at", "last_active",
         "end", "end_detail", "_client_fd", "_target_fd", "_steady", "_counted",
@@ -108,12 +108,12 @@ class Session(Generic[B]):
     )
 
     def __init__(self, ctx: SessionContext, route: Route, client: socket.socket,
-                 client_addr: object, listen_port: int) -> None:
+                 client_addr: str, listen_port: int) -> None:
         self._ctx = ctx
         self.route = route
         self.client = client
         self._client_fd = client.fileno()
-        self._client_sockaddr = client_addr  # as accept gave it: text only when needed
+        self.client_addr = client_addr
         self.listen_port = listen_port
         self.state = State.CONNECTING
         self.target: Optional[Target] = None
@@ -132,10 +132,6 @@ class Session(Generic[B]):
         self._steady = False
         self.end = ""          # short code: done, reset, idle-timeout, connect-failed, ...
         self.end_detail = ""   # why, for the access log
-
-    @property
-    def client_addr(self) -> str:  # host:port or [v6]:port, for logs and views
-        return netio.format_sockaddr(self._client_sockaddr)
 
     # -- connecting and failover -------------------------------------------
 

@@ -5,6 +5,7 @@ directions in order, and keep no descriptor of a finished connection."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from typing import Callable, Iterator
@@ -76,3 +77,39 @@ def test_the_floor_keeps_no_descriptor_of_an_ended_connection(floor: object) -> 
     # Each ended connection's two sockets leave the loop: only the listener stays.
     wait_until(lambda: len(handlers) == 1, timeout_s=5.0,
                message="the sockets of ended connections to leave the loop")
+
+
+def test_a_descriptor_closed_and_reused_in_one_batch_misses_the_old_events(
+        backend: Callable[..., Backend]) -> None:
+    # The batch says fd 7 (a connection that ends) and fd 8 (its target) are
+    # readable; 7's handler closes both, and fd 8 is at once a new socket.
+    # The batch's event for 8 was the old socket's: the new one must not get it.
+    proxy = floor_proxy.Proxy((HOST, 0), (HOST, backend("echo").port))
+    got: list[str] = []
+
+    def old_client(events: int) -> None:
+        got.append("old client")
+        proxy.handlers.pop(8)
+        proxy.closed_in_batch.add(8)
+        proxy.handlers[8] = lambda events: got.append("new socket")
+
+    class Batches:
+        def __init__(self) -> None:
+            self.left = [[(7, select.EPOLLIN), (8, select.EPOLLIN)], [(8, select.EPOLLIN)]]
+
+        def poll(self, timeout: float) -> list[tuple[int, int]]:
+            if not self.left:
+                proxy.running = False
+                return []
+            return self.left.pop(0)
+
+    real_epoll = proxy.epoll
+    try:
+        proxy.handlers[7] = old_client
+        proxy.handlers[8] = lambda events: got.append("old target")
+        proxy.epoll = Batches()
+        proxy.run()
+    finally:
+        real_epoll.close()
+        proxy.listener.close()
+    assert got == ["old client", "new socket"]  # the second batch is the new socket's

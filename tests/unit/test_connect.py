@@ -126,6 +126,19 @@ def test_a_silent_address_times_out_within_the_budget(
     assert loop.watched_count == before  # its socket is closed
 
 
+def test_a_connector_built_outside_a_turn_still_gets_its_whole_budget(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    # Health checks start before the loop runs: the turn's time (now) is
+    # then as old as the loop.  The budget runs from the clock, not from it.
+    loop.now -= 10.0
+    names.names["silent.test"] = [net.blackhole()]
+    started = time.monotonic()
+    _, report = connect(loop, names, "silent.test", 1, budget_s=0.5)  # resolved later
+    drive(loop, report.done, "a report")
+    assert report.failure is not None and report.failure[0] == outcomes.TIMEOUT
+    assert time.monotonic() - started >= 0.45
+
+
 def test_cancel_closes_the_attempt_and_reports_nothing(
         loop: EventLoop, net: Net, names: Names) -> None:
     before = loop.watched_count

@@ -365,6 +365,31 @@ def test_half_open_timeout_that_drops_buffered_bytes_resets_the_client(
     assert client.ended == "reset"
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("first", ["client", "target"])
+def test_a_fin_on_the_fast_path_starts_the_half_open_timeout(
+        loop: EventLoop, net: Net, harness: Harness, kind: type[Session[Any]],
+        first: str) -> None:
+    # Bytes have crossed both ways first, so the pool has a spare and the
+    # FIN is read by the movers' fused path, not the general one.
+    harness.half_open_timeout_s = 0.3
+    listener = net.listener()
+    session, client = harness.open(harness.route([address(listener)]), kind)
+    target = net.accept(loop, listener)
+    client.send_all(loop, b"ping")
+    drive(loop, lambda: target.has(b"ping"), "the ping at the target")
+    target.send_all(loop, b"pong")
+    drive(loop, lambda: client.has(b"pong"), "the pong at the client")
+    early, late = (client, target) if first == "client" else (target, client)
+    early.sock.shutdown(socket.SHUT_WR)
+    drive(loop, late.poll, "the FIN to cross the proxy")
+    assert late.ended == "eof" and session.state is State.RELAYING
+    harness.wait_closed(session)  # the late side never ends its direction
+    assert session.end == outcomes.HALF_OPEN_TIMEOUT
+    drive(loop, early.poll, "the early side to see the end")
+    assert early.ended == "eof"  # nothing was held: a clean FIN
+
+
 # -- allocation failures ------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ PY="$ROOT/.venv/bin/python"
 OUT=${LEVERS_OUT:-"$ROOT/benchmarks/results/levers"}
 ROUNDS=${LEVERS_ROUNDS:-3}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # measure() runs in a worktree: a relative path would land there
 
 # measure LABEL TREE PEERS WORKLOADS JSON: one benchmarks.run in TREE.
 measure() {

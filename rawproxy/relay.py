@@ -89,9 +89,6 @@ class Flow(Generic[B]):
     def on_shutdown_write(self) -> None:
         self.dst_shut = True
 
-    def close(self) -> None:
-        self.buffer.close()
-
 
 class Relay(Generic[B]):
     """Both flows of one client/target pair."""
@@ -135,5 +132,5 @@ class Relay(Generic[B]):
         return len(self.upstream.buffer) + len(self.downstream.buffer)
 
     def close(self) -> None:
-        self.upstream.buffer.close()  # Flow.close, a call fewer each
+        self.upstream.buffer.close()
         self.downstream.buffer.close()

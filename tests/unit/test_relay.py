@@ -110,13 +110,15 @@ def test_fin_on_empty_ring_shuts_down_at_once_and_frees_storage() -> None:
     assert pool.free_count == 1
 
 
-def test_flow_close_gives_storage_back() -> None:
+def test_relay_close_gives_each_flows_storage_back() -> None:
     pool = BufferPool(8)
-    flow = Flow(pool)
-    receive(flow, b"abc")
-    flow.close()
-    assert not flow.buffer.holds_storage
-    assert pool.free_count == 1
+    relay = Relay(pool)
+    receive(relay.upstream, b"abc")
+    receive(relay.downstream, b"de")
+    relay.close()
+    assert not relay.upstream.buffer.holds_storage
+    assert not relay.downstream.buffer.holds_storage
+    assert pool.free_count == 2
 
 
 # -- Relay ----------------------------------------------------------------------

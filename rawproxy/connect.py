@@ -42,6 +42,7 @@ from typing import Callable, Optional
 from . import netio, outcomes
 from .loop import EVENT_WRITE, EventLoop, Timer
 from .resolver import Address, Resolution, Resolver
+from .timeouts import Timeouts
 
 OnConnected = Callable[[socket.socket], None]
 OnFailed = Callable[[str, str], None]
@@ -71,17 +72,24 @@ def address_share(remaining_s: float, addresses_left: int) -> float:
 
 
 class Connector:
-    """Resolve, then connect to each address in turn until one answers."""
+    """Resolve, then connect to each address in turn until one answers.
+
+    With ``timeouts`` (a table for this ``budget_s``), the usual attempt --
+    one address, resolved at once, given the whole budget -- is timed there
+    rather than by a loop timer (see :mod:`rawproxy.timeouts`).
+    """
 
     __slots__ = ("_loop", "_resolver", "host", "port", "_on_connected", "_on_failed",
                  "_deadline", "_addresses", "_sock", "_fd", "_timer", "_reason", "started_at",
-                 "done", "_keep_watched", "_resolving")
+                 "done", "_keep_watched", "_resolving", "_timeouts")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, host: str, port: int,
                  budget_s: float, on_connected: OnConnected, on_failed: OnFailed,
-                 keep_watched: bool = False) -> None:
+                 keep_watched: bool = False,
+                 timeouts: Optional[Timeouts[Connector]] = None) -> None:
         self._loop = loop
         self._keep_watched = keep_watched
+        self._timeouts = timeouts
         self._resolver = resolver
         self.host = host
         self.port = port
@@ -106,7 +114,7 @@ class Connector:
         elif not self.done:
             self._resolving = True
             self._timer = self._loop.call_later(self._deadline - self.started_at,
-                                                self._on_timeout)
+                                                self.on_timeout)
 
     def cancel(self) -> None:
         """Give up without a report, closing any socket in progress."""
@@ -135,10 +143,17 @@ class Connector:
         self._sock = sock
         self._fd = sock.fileno()
         self._loop.watch(self._fd, self._on_writable, mask=EVENT_WRITE)
+        timeouts = self._timeouts
+        if (timeouts is not None and self._timer is None and not self._addresses
+                and self._reason == outcomes.NO_ADDRESS):
+            timeouts.arm(self)  # the only address, the whole budget, no wait before it
+            return
         if self._timer is not None:
             self._timer.cancel()
-        share = address_share(self._deadline - self._loop.clock(), len(self._addresses) + 1)
-        self._timer = self._loop.call_later(share, self._on_timeout)
+        remaining = self._deadline - self._loop.clock()
+        share = (address_share(remaining, len(self._addresses) + 1) if self._addresses
+                 else max(0.0, remaining))  # the last address: all that is left
+        self._timer = self._loop.call_later(share, self.on_timeout)
 
     def _on_writable(self, events: int) -> None:
         sock = self._sock
@@ -158,7 +173,8 @@ class Connector:
         self._stop()
         self._on_connected(sock)
 
-    def _on_timeout(self) -> None:
+    def on_timeout(self) -> None:
+        """Time is up for the address being tried (or for the resolution)."""
         self._timer = None
         if self._sock is None:  # still resolving
             if not self._resolver.is_started(self.host, self.port):
@@ -191,6 +207,8 @@ class Connector:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._timeouts is not None:
+            self._timeouts.disarm(self)
         if self._sock is not None:
             self._drop_socket()
         return True
@@ -201,3 +219,19 @@ class Connector:
             netio.close(self._sock)
             self._sock = None
             self._fd = -1
+
+
+class ConnectTimeouts:
+    """The connectors' timeout tables, one per budget (an app's ConnectTimeout)."""
+
+    __slots__ = ("_loop", "_tables")
+
+    def __init__(self, loop: EventLoop) -> None:
+        self._loop = loop
+        self._tables: dict[float, Timeouts[Connector]] = {}
+
+    def for_budget(self, budget_s: float) -> Timeouts[Connector]:
+        table = self._tables.get(budget_s)
+        if table is None:
+            table = self._tables[budget_s] = Timeouts(self._loop, budget_s, Connector.on_timeout)
+        return table

@@ -95,7 +95,7 @@ class Listener:
 def _socket_for(fd: int, family: int) -> socket.socket:
     """The accepted ``fd`` as a socket object (closed if that fails)."""
     try:
-        return socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+        return netio.StreamSocket(family, socket.SOCK_STREAM, 0, fd)
     except BaseException:
         os.close(fd)
         raise

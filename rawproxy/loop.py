@@ -83,6 +83,10 @@ class Timer:
     def cancel(self) -> None:
         if not self.cancelled:
             self.cancelled = True
+            # It may sit in the heap until its time comes: it must not keep
+            # a closed connection's objects alive meanwhile (nor have the
+            # garbage collector walk them), so the callback goes now.
+            self.callback = _cancelled
             loop = self._loop
             if loop is not None:
                 loop._cancelled_timers += 1
@@ -345,6 +349,10 @@ class EventLoop:
         self._masks.clear()
         self._timers.clear()
         self._ready.clear()
+
+
+def _cancelled() -> None:
+    """What a cancelled timer holds instead of its callback (never run)."""
 
 
 def _ignore_signal_in_python(signum: int, frame: Optional[FrameType]) -> None:

@@ -71,8 +71,8 @@ class _Mover(Session[B]):
         and ``_settle``, fused.  The last direction to end closes the pair
         (its FIN is the close's); the first is shut down and the pair goes
         on half-open, still on the fast path for the other direction."""
-        relay = self.relay
-        if relay is None or flow.buffer.held:  # not the steady state's FIN
+        relay, stored = self.relay, flow.stored
+        if relay is None or (stored is not None and stored.held):  # not the steady state's FIN
             self._end_by_reference(flow, dst)
             return
         flow.src_eof = True
@@ -88,7 +88,8 @@ class _Mover(Session[B]):
             self._fail(exc)
             return
         flow.dst_shut = True
-        self._arm_inactivity_timer()  # half-open now: a shorter limit may apply
+        if self._idle_timer is None:  # half-open now (an IdleTimeout's timer runs already)
+            self._ctx.half_open.arm(self)
         # What _update_interest would find: the ended side unread, the other
         # still read, nothing to write, and the pair still steady.
         ended_fd = self._client_fd if flow is relay.upstream else self._target_fd

@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 import sys
-from typing import Optional, Tuple, Union
+from typing import TYPE_CHECKING, Optional, Tuple, Union
 
 from . import outcomes
 
@@ -67,6 +67,31 @@ ACCEPT_TRANSIENT_ERRNOS = frozenset({
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # Created non-blocking in one call where the kernel can (no ioctl after).
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class StreamSocket(socket.socket):
+    """A ``socket.socket`` made by the C initialiser alone.
+
+    ``socket.socket.__init__`` is a Python function (twice per proxied
+    connection) that fills in defaults, which every caller here passes, and
+    sets two fields for ``close()`` and ``makefile()``.  ``_io_refs`` is
+    what it would set (no proxied socket has a ``makefile()`` stream) and
+    ``_closed`` is read off the descriptor, so ``close()``, ``with`` and
+    ``repr`` behave as on any socket.
+    """
+
+    __slots__ = ()
+    if not TYPE_CHECKING:  # the same signature as socket.socket's, for mypy
+        __init__ = _socket.socket.__init__
+    _io_refs = 0
+
+    @property
+    def _closed(self) -> bool:
+        return self.fileno() == -1
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        pass  # close() and detach() set it before the descriptor goes: read from it
 # Linux copies a listener's TCP_NODELAY into each socket accept() returns.
 _NODELAY_INHERITED = sys.platform.startswith("linux")
 
@@ -133,7 +158,7 @@ def start_connect(family: int, sockaddr: SockAddr) -> socket.socket:
     when no socket or no local port (EADDRNOTAVAIL) can be had.
     """
     try:
-        sock = socket.socket(family, _NONBLOCKING_STREAM)
+        sock = StreamSocket(family, _NONBLOCKING_STREAM, 0)
     except OSError as exc:
         # EMFILE and friends: this client cannot be served now, but the
         # target did nothing wrong, so its health must not suffer.

@@ -20,7 +20,7 @@ The I/O shell (``session``) feeds byte counts in and applies the masks.
 
 from __future__ import annotations
 
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Optional, Protocol, TypeVar
 
 
 class FlowBuffer(Protocol):
@@ -53,25 +53,49 @@ WANT_WRITE = 2
 
 
 class Flow(Generic[B]):
-    """One direction of a proxied connection."""
+    """One direction of a proxied connection.
 
-    __slots__ = ("buffer", "src_eof", "dst_shut", "bytes_sent")
+    Its buffer is made on first use (``buffer``): in the steady state every
+    byte passes straight through (:mod:`rawproxy.movers`' fast path), so most
+    connections never hold one, and an idle one costs no buffer object.
+    ``stored`` is the buffer if one was made, for the checks that must not
+    make one.
+    """
+
+    __slots__ = ("stored", "_pool", "src_eof", "dst_shut", "bytes_sent")
 
     def __init__(self, pool: BufferMaker[B]) -> None:
-        self.buffer: B = pool.new_buffer()
+        self.stored: Optional[B] = None
+        self._pool = pool
         self.src_eof = False
         self.dst_shut = False
         self.bytes_sent = 0
 
+    @property
+    def buffer(self) -> B:
+        buffer = self.stored
+        if buffer is None:
+            buffer = self.stored = self._pool.new_buffer()
+        return buffer
+
+    @property
+    def held(self) -> int:
+        """Bytes in the buffer now (0 with none made)."""
+        buffer = self.stored
+        return 0 if buffer is None else buffer.held
+
     def wants_read(self) -> bool:
-        return not self.src_eof and not self.buffer.is_full()
+        buffer = self.stored
+        return not self.src_eof and (buffer is None or not buffer.is_full())
 
     def wants_write(self) -> bool:
-        return len(self.buffer) > 0
+        buffer = self.stored
+        return buffer is not None and buffer.held > 0
 
     def should_shutdown_write(self) -> bool:
         """True once: the source ended and everything it sent was delivered."""
-        return self.src_eof and not self.dst_shut and self.buffer.is_empty()
+        buffer = self.stored
+        return self.src_eof and not self.dst_shut and (buffer is None or buffer.held == 0)
 
     def is_done(self) -> bool:
         return self.dst_shut
@@ -111,9 +135,13 @@ class Relay(Generic[B]):
         """``(client_mask(), target_mask())`` in one call, the session's form:
         the same rules, inlined (the tests hold the two forms equal)."""
         up, down = self.upstream, self.downstream
-        up_held, down_held = up.buffer.held, down.buffer.held
-        up_read = WANT_READ if not up.src_eof and not up.buffer.is_full() else 0
-        down_read = WANT_READ if not down.src_eof and not down.buffer.is_full() else 0
+        up_buffer, down_buffer = up.stored, down.stored
+        up_held = up_buffer.held if up_buffer is not None else 0
+        down_held = down_buffer.held if down_buffer is not None else 0
+        up_read = WANT_READ if not up.src_eof and (
+            up_buffer is None or not up_buffer.is_full()) else 0
+        down_read = WANT_READ if not down.src_eof and (
+            down_buffer is None or not down_buffer.is_full()) else 0
         return (up_read | (WANT_WRITE if down_held else 0),
                 down_read | (WANT_WRITE if up_held else 0))
 
@@ -129,8 +157,11 @@ class Relay(Generic[B]):
         return other.dst_shut
 
     def bytes_buffered(self) -> int:
-        return len(self.upstream.buffer) + len(self.downstream.buffer)
+        return self.upstream.held + self.downstream.held
 
     def close(self) -> None:
-        self.upstream.buffer.close()
-        self.downstream.buffer.close()
+        up, down = self.upstream.stored, self.downstream.stored
+        if up is not None:
+            up.close()
+        if down is not None:
+            down.close()

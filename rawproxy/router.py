@@ -113,6 +113,11 @@ class Balancer:
         self._health = {t: TargetHealth(t, self._counters.slot(app_name, t.address), index)
                         for index, t in enumerate(targets)}
         self._by_tag = list(self._health.values())
+        # The same, by the identity of the balancer's own Target objects (the
+        # ones acquire() hands out): a dataclass __hash__ is a Python call,
+        # twice per connection; id() is not.  Equal Targets made elsewhere
+        # fall back to _health.
+        self._by_id = {id(h.target): h for h in self._by_tag}
         self._total_weight = sum(t.weight for t in self._health)
         self._limits = limits
         self._least_connections = least_connections
@@ -184,7 +189,8 @@ class Balancer:
 
     def release(self, target: Target) -> None:
         """A connection counted by :meth:`acquire` closed (or failed)."""
-        slot = self._health[target].slot
+        health = self._by_id.get(id(target)) or self._health[target]
+        slot = health.slot
         if self._limits is None:
             self._counters.add(slot, -1)
         else:
@@ -208,7 +214,7 @@ class Balancer:
             self._on_change(target.address, health.down_until)
 
     def record_success(self, target: Target) -> None:
-        health = self._health.get(target)
+        health = self._by_id.get(id(target)) or self._health.get(target)
         if health is not None and (health.consecutive_failures or health.down_until):
             health.consecutive_failures = 0
             health.down_until = 0.0

@@ -53,7 +53,8 @@ from .resolver import Resolver
 from .ringbuf import BufferPool
 from .router import Router
 from .autostart import Autostart
-from .session import Session, SessionContext
+from .session import Session
+from .sessionctx import SessionContext
 from .stats import Stats
 from .waitqueue import WaitQueues
 

@@ -22,13 +22,13 @@ fails or the session closes, and the queue is told.
 RELAYING moves bytes with the sans-IO :class:`~rawproxy.relay.Relay`: a
 readable side is read into its flow's buffer and sent on at once, so write
 interest is registered only for leftovers (the steady state, nothing held:
-:mod:`rawproxy.movers`' fast path).  FIN
-becomes ``shutdown(SHUT_WR)`` toward the other side; reset or error on
-either side aborts both (RST where the OS allows), including a side that is
-neither read nor written (``EVENT_ERROR`` from the loop's error watch).
-A timeout that would drop buffered bytes resets rather than FINs (a cut
-stream never passes for a whole one).  A failure to allocate closes the
-session cleanly.  Every socket is closed once, in :meth:`Session.close`.
+:mod:`rawproxy.movers`' fast path).  FIN becomes ``shutdown(SHUT_WR)``
+toward the other side; reset or error on either side aborts both (RST where
+the OS allows), including a side that is neither read nor written
+(``EVENT_ERROR`` from the loop's error watch).  A timeout that would drop
+buffered bytes resets rather than FINs (a cut stream never passes for a
+whole one).  A failure to allocate closes the session cleanly.  Every socket
+is closed once, in :meth:`Session.close`.
 
 :class:`Session` holds the logic; its subclasses in :mod:`rawproxy.movers`
 move the bytes (``recv_into``/``send`` through a ring, or ``splice(2)``).
@@ -39,22 +39,16 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from typing import TYPE_CHECKING, Any, Callable, Generic, Optional, TypeVar
+from typing import Generic, Optional, TypeVar
 
 from . import netio, outcomes, proxyproto
 from .balance import Verdict
 from .config import Target
 from .connect import Connector
-from .loop import EVENT_ERROR, EVENT_READ, EVENT_WRITE, EventLoop, Timer
-from .pipes import PipePool
+from .loop import EVENT_ERROR, EVENT_READ, EVENT_WRITE, Timer
 from .relay import Flow, FlowBuffer, Relay
-from .resolver import Resolver
-from .ringbuf import BufferPool
 from .router import Route
-from .waitqueue import WaitQueues
-
-if TYPE_CHECKING:  # autostart imports router and connect, as this module does
-    from .autostart import Autostart
+from .sessionctx import SessionContext
 
 log = logging.getLogger("rawproxy.session")
 
@@ -65,35 +59,6 @@ class State(enum.Enum):
     CONNECTING = "connecting"
     RELAYING = "relaying"
     CLOSED = "closed"
-
-
-class SessionContext:
-    """What every session of a server shares (one object, not globals)."""
-
-    __slots__ = ("loop", "resolver", "pool", "pipes", "on_closed", "half_open_timeout_s",
-                 "on_no_resources", "queues", "machines")
-
-    def __init__(self, loop: EventLoop, resolver: Resolver, pool: BufferPool,
-                 on_closed: Callable[[Session[Any]], None],
-                 half_open_timeout_s: float = 60.0,
-                 pipes: Optional[PipePool] = None,
-                 on_no_resources: Callable[[str], None] = lambda reason: None,
-                 queues: Optional[WaitQueues] = None) -> None:
-        # Sessions waiting for a slot (an app's Concurrency), by app.
-        self.queues = (queues if queues is not None
-                       else WaitQueues(loop.time, loop.call_later, loop.call_soon))
-        self.on_no_resources = on_no_resources  # the server pauses accepting
-        # Starts machines for apps with Machines (SPEC 10); the server sets it.
-        self.machines: Optional[Autostart] = None
-        self.loop = loop
-        self.resolver = resolver
-        self.pool = pool
-        self.pipes = pipes  # set when relaying with splice
-        self.on_closed = on_closed
-        # HAProxy's client-fin/server-fin: once one direction has ended, a
-        # connection with no bytes moving is closed after this long, so a
-        # lost final FIN cannot pin it (and its descriptors) for ever.
-        self.half_open_timeout_s = half_open_timeout_s
 
 
 class Session(Generic[B]):
@@ -157,10 +122,11 @@ class Session(Generic[B]):
         self._tried.append(target)
         self.target = target
         self.route.stats.target(target.address).attempts += 1
+        budget_s = self.route.app.connect_timeout_s
         self._connector = Connector(self._ctx.loop, self._ctx.resolver, target.host,
-                                    target.port, self.route.app.connect_timeout_s,
-                                    self._on_connected, self._on_connect_failed,
-                                    keep_watched=True)
+                                    target.port, budget_s, self._on_connected,
+                                    self._on_connect_failed, keep_watched=True,
+                                    timeouts=self._ctx.connect_timeouts.for_budget(budget_s))
         self._connector.start()
 
     def _wait(self) -> None:
@@ -319,7 +285,7 @@ class Session(Generic[B]):
         relay = self.relay
         assert relay is not None
         up, down = relay.upstream, relay.downstream
-        if (self._steady and not (up.buffer.held or down.buffer.held)
+        if (self._steady and not (up.held or down.held)
                 and not (up.src_eof or down.src_eof)):
             return  # the usual turn: all passed straight through, interest unchanged
         if relay.is_done():
@@ -352,7 +318,8 @@ class Session(Generic[B]):
                 return
             netio.shutdown_write(dst)
             flow.on_shutdown_write()
-            self._arm_inactivity_timer()  # half-open now: a shorter limit may apply
+            if self._idle_timer is None:  # half-open now (an IdleTimeout's timer runs already)
+                self._ctx.half_open.arm(self)
 
     def _update_interest(self) -> None:
         relay = self.relay
@@ -361,9 +328,8 @@ class Session(Generic[B]):
         client_mask, target_mask = relay.masks()
         # Steady: nothing held, each side read until its FIN (half-open too).
         up_eof, down_eof = relay.upstream.src_eof, relay.downstream.src_eof
-        half_open_ok = not (up_eof and down_eof)
-        steady = half_open_ok and (client_mask == (0 if up_eof else EVENT_READ)
-                                   and target_mask == (0 if down_eof else EVENT_READ))
+        steady = not (up_eof and down_eof) and (client_mask == (0 if up_eof else EVENT_READ)
+                                                and target_mask == (0 if down_eof else EVENT_READ))
         loop.set_interest(self._client_fd, client_mask)
         loop.set_interest(self._target_fd, target_mask)
         self._steady = steady  # with no FIN yet, _settle skips this call while true
@@ -375,7 +341,7 @@ class Session(Generic[B]):
             return limit, outcomes.IDLE_TIMEOUT  # the app's own setting wins, longer or shorter
         relay = self.relay
         if relay is not None and (relay.upstream.dst_shut or relay.downstream.dst_shut):
-            return self._ctx.half_open_timeout_s, outcomes.HALF_OPEN_TIMEOUT
+            return self._ctx.half_open.delay_s, outcomes.HALF_OPEN_TIMEOUT
         return None, outcomes.IDLE_TIMEOUT
 
     def _arm_inactivity_timer(self) -> None:
@@ -385,9 +351,10 @@ class Session(Generic[B]):
         if limit is not None:
             remaining = limit - (self._ctx.loop.now - self.last_active)
             self._idle_timer = self._ctx.loop.call_later(max(0.0, remaining),
-                                                         self._on_idle_check)
+                                                         self.check_idle)
 
-    def _on_idle_check(self) -> None:
+    def check_idle(self) -> None:
+        """Its inactivity timer (or the half-open table) says time may be up."""
         self._idle_timer = None
         limit, end = self._inactivity_limit()
         if self.state is not State.RELAYING or limit is None:
@@ -432,6 +399,9 @@ class Session(Generic[B]):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
+        relay = self.relay
+        if relay is not None and (relay.upstream.dst_shut or relay.downstream.dst_shut):
+            self._ctx.half_open.disarm(self)  # armed when the first direction ended
         loop = self._ctx.loop
         # Both closed below, and only this session holds them: the kernel
         # drops a closed socket from the epoll set, no call needed.
@@ -441,6 +411,6 @@ class Session(Generic[B]):
             (netio.abort if reset else netio.close)(self._target_sock)
             self._target_sock = None
         (netio.abort if reset else netio.close)(self.client)
-        if self.relay is not None:
-            self.relay.close()
+        if relay is not None:
+            relay.close()
         self._ctx.on_closed(self)

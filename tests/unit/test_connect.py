@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import pytest
 
 from rawproxy import netio, outcomes
-from rawproxy.connect import ADDRESS_FLOOR_S, Connector, address_share
+from rawproxy.connect import ADDRESS_FLOOR_S, ConnectTimeouts, Connector, address_share
 from rawproxy.loop import EVENT_WRITE, EventLoop
 from rawproxy.resolver import Resolver
 from tests.unit.test_health import drive, loop, port_of  # noqa: F401  (loop: a fixture)
@@ -124,6 +124,64 @@ def test_a_silent_address_times_out_within_the_budget(
     assert report.failure is not None and report.failure[0] == outcomes.TIMEOUT
     assert 0.25 <= time.monotonic() - started < 2.0
     assert loop.watched_count == before  # its socket is closed
+
+
+def test_in_a_timeout_table_a_silent_address_times_out_within_the_budget(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    table = ConnectTimeouts(loop).for_budget(0.3)
+    heap_before = len(loop._timers)
+    report = Report()
+    connector = Connector(loop, names.resolver, HOST, net.blackhole(), 0.3,
+                          report.connected, report.failed, timeouts=table)
+    started = time.monotonic()
+    connector.start()
+    assert connector in table and len(loop._timers) == heap_before + 1  # the table's one
+    drive(loop, report.done, "a report")
+    assert report.failure is not None and report.failure[0] == outcomes.TIMEOUT
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert connector not in table
+
+
+def test_in_a_timeout_table_a_connect_that_ends_leaves_it(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    table = ConnectTimeouts(loop).for_budget(2.0)
+    listener = net.listener()
+    report = Report()
+    connector = Connector(loop, names.resolver, HOST, port_of(listener), 2.0,
+                          report.connected, report.failed, timeouts=table)
+    connector.start()
+    drive(loop, report.done, "a report")
+    assert report.sock is not None
+    net.keep(report.sock)
+    assert len(table) == 0
+    cancelled = Connector(loop, names.resolver, HOST, net.blackhole(), 2.0,
+                          report.connected, report.failed, timeouts=table)
+    cancelled.start()
+    assert cancelled in table
+    cancelled.cancel()
+    assert len(table) == 0
+
+
+def test_a_name_of_two_addresses_is_timed_by_the_loop_not_the_table(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    table = ConnectTimeouts(loop).for_budget(2.0)
+    listener = net.listener()
+    names.names["two.test"] = [net.blackhole(), port_of(listener)]
+    resolved: list[object] = []
+    names.resolver.resolve("two.test", 1, resolved.append)  # cached: no wait before
+    drive(loop, lambda: bool(resolved), "the name resolved")
+    report = Report()
+    connector = Connector(loop, names.resolver, "two.test", 1, 2.0,
+                          report.connected, report.failed, timeouts=table)
+    before = loop.watched_count
+    connector.start()
+    drive(loop, lambda: loop.watched_count > before, "the first address tried")
+    assert connector not in table and not report.done()
+    drive(loop, report.done, "a report")
+    assert report.sock is not None, report.failure
+    net.keep(report.sock)
+    assert report.sock.getpeername()[1] == port_of(listener)
+    assert len(table) == 0  # each address had its share, on the loop's heap
 
 
 def test_a_connector_built_outside_a_turn_still_gets_its_whole_budget(

@@ -18,6 +18,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -175,6 +176,25 @@ def test_cancelled_timers_are_compacted(loop: EventLoop, clock: FakeClock) -> No
     clock.now += 2000.0
     loop.run_once(max_wait_s=0)
     assert fired == [0, 1, 2], "live timers survive compaction, in order"
+
+
+def test_a_cancelled_timer_lets_go_of_its_callback_at_once(
+        loop: EventLoop, clock: FakeClock) -> None:
+    class Owner:
+        def on_time(self) -> None:
+            raise AssertionError("a cancelled timer ran")
+
+    owner = Owner()
+    gone = weakref.ref(owner)
+    timer = loop.call_later(60.0, owner.on_time)
+    loop.call_later(1.0, lambda: None)  # keeps the cancelled one inside the heap
+    del owner
+    assert gone() is not None, "held by the armed timer"
+    timer.cancel()
+    assert timer in [entry[2] for entry in loop._timers], "still in the heap"
+    assert gone() is None, "a closed connection's objects must not wait for the heap"
+    clock.now += 100.0
+    loop.run_once(max_wait_s=0)
 
 
 def test_compaction_when_cancelled_in_bulk(loop: EventLoop, clock: FakeClock) -> None:

@@ -277,3 +277,20 @@ def test_a_unix_listener_hands_nothing(tmp_path: Path) -> None:
         sock.bind(str(tmp_path / "s"))
         sock.listen(1)
         assert netio.nodelay_for_accepted(sock) is False  # each would need its own (none)
+
+
+def test_a_stream_socket_behaves_as_any_socket(listener: socket.socket) -> None:
+    sock = netio.start_connect(socket.AF_INET, listener.getsockname())
+    assert isinstance(sock, netio.StreamSocket) and isinstance(sock, socket.socket)
+    assert sock.family == socket.AF_INET and sock.type == socket.SOCK_STREAM
+    assert not sock._closed and "[closed]" not in repr(sock)
+    peer, _ = listener.accept()
+    with peer:
+        wrapped = netio.StreamSocket(socket.AF_INET, socket.SOCK_STREAM, 0, peer.detach())
+        with wrapped:  # socket.socket's __exit__ and close(), on the C-made object
+            wrapped.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+        assert wrapped.fileno() == -1 and wrapped._closed
+        assert "[closed]" in repr(wrapped)
+    sock.close()
+    assert sock.fileno() == -1

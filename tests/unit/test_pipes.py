@@ -66,7 +66,7 @@ def test_mark_full_stops_reading_until_some_bytes_drain() -> None:
     os.write(write_end, b"x" * 10)
     buffer.commit(10)
     flow = Flow(PipePool(65536))
-    flow.buffer = buffer
+    flow.stored = buffer
     assert flow.wants_read()
     buffer.mark_full()
     assert buffer.is_full() and not flow.wants_read()

@@ -121,6 +121,25 @@ def test_relay_close_gives_each_flows_storage_back() -> None:
     assert pool.free_count == 2
 
 
+def test_a_flow_makes_its_buffer_only_when_bytes_must_wait() -> None:
+    pool = BufferPool(8)
+    flow = Flow(pool)
+    assert flow.stored is None
+    assert flow.wants_read() and not flow.wants_write()
+    assert flow.held == 0
+    flow.src_eof = True
+    assert flow.should_shutdown_write() and flow.stored is None
+    relay = Relay(pool)
+    assert relay.masks() == (WANT_READ, WANT_READ)
+    assert relay.bytes_buffered() == 0
+    relay.close()  # nothing made, nothing to give back
+    assert relay.upstream.stored is None and relay.downstream.stored is None
+    receive(relay.upstream, b"abc")
+    assert [flow.stored is None for flow in (relay.upstream, relay.downstream)] == [False, True]
+    assert relay.masks() == (WANT_READ, WANT_READ | WANT_WRITE)
+    assert relay.bytes_buffered() == 3
+
+
 # -- Relay ----------------------------------------------------------------------
 
 def test_fresh_relay_reads_both_sides() -> None:

@@ -171,6 +171,20 @@ def test_success_clears_the_backoff() -> None:
     assert balancer.health(other).consecutive_failures == 0
 
 
+def test_an_equal_target_made_elsewhere_counts_as_the_balancers_own() -> None:
+    balancer = make_balancer(["192.0.2.1:80", "192.0.2.2:80"])
+    first, _ = balancer.targets
+    twin = Target(host="192.0.2.1", port=80)
+    assert twin == first and twin is not first
+    assert balancer.acquire(0.0, tried=[balancer.targets[1]]) is first
+    assert balancer.open_connections(first) == 1
+    balancer.release(twin)  # the identity map misses; the equal one is found
+    assert balancer.open_connections(first) == 0
+    balancer.record_failure(first, 0.0, "refused")
+    balancer.record_success(twin)
+    assert balancer.health(first).consecutive_failures == 0
+
+
 def test_down_targets_are_used_when_every_untried_one_is_down() -> None:
     balancer = make_balancer(["192.0.2.1:80", "192.0.2.2:80", "192.0.2.3:80"])
     first, second, third = balancer.targets

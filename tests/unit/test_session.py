@@ -27,7 +27,8 @@ from rawproxy.resolver import Resolver
 from rawproxy.ringbuf import BufferPool
 from rawproxy.router import Route, Router
 from rawproxy.movers import CopySession, SpliceSession
-from rawproxy.session import Session, SessionContext, State
+from rawproxy.session import Session, State
+from rawproxy.sessionctx import SessionContext
 from tests.support import Blackhole
 from tests.unit.test_health import DEADLINE_S, Sockets, drive, port_of
 from tests.unit.test_health import loop  # noqa: F401  (a pytest fixture, shared)

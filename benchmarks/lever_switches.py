@@ -85,8 +85,10 @@ LEVERS: dict[str, list[Switch]] = {
          "        sock = StreamSocket(family, _NONBLOCKING_STREAM, 0)",
          "        sock = socket.socket(family, _NONBLOCKING_STREAM, 0)  # lever off"),
         ("rawproxy/listeners.py",
-         "        return netio.StreamSocket(family, socket.SOCK_STREAM, 0, fd)",
-         "        return socket.socket(family, socket.SOCK_STREAM, 0, fd)  # lever off"),
+         "                    client = netio.StreamSocket(listener.family,"
+         " socket.SOCK_STREAM, 0, fd)",
+         "                    client = socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)"
+         "  # lever off"),
     ],
 }
 

@@ -45,7 +45,9 @@ class Admission:
         self._total_slot = counters.slot("") if max_connections is not None else -1
         self.total_paused = False  # a listener was paused at --max-connections
         self._waiting_sessions = waiting_sessions
-        self._reserved: Optional[Route] = None
+        # The route whose slot was taken for the client being accepted (None once
+        # a session holds it, or it was given back).
+        self.reserved: Optional[Route] = None
         self._limit_paused = False  # a listener was paused at MaxConnections
         self._wake_fd: Optional[int] = None
         self._on_wake: Callable[[], None] = lambda: None
@@ -94,16 +96,16 @@ class Admission:
             self._limit_paused = True
             self._release_total()
             return False
-        self._reserved = route
+        self.reserved = route
         return True
 
     def consume(self) -> None:
         """The accepted client became a session: it holds the reservation."""
-        self._reserved = None
+        self.reserved = None
 
     def unreserve(self) -> None:
         """No session took the reservation: give it back."""
-        route, self._reserved = self._reserved, None
+        route, self.reserved = self.reserved, None
         if route is not None:
             self.release(route, route)
 

@@ -92,15 +92,6 @@ class Listener:
             self._set.accept_from(self)
 
 
-def _socket_for(fd: int, family: int) -> socket.socket:
-    """The accepted ``fd`` as a socket object (closed if that fails)."""
-    try:
-        return netio.StreamSocket(family, socket.SOCK_STREAM, 0, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 class ListenerSet:
     def __init__(self, loop: EventLoop, host: str, *, backlog: int, reuse_port: bool,
                  accept_batch: int, wants_accept: Callable[[Listener], bool],
@@ -200,7 +191,11 @@ class ListenerSet:
                 # listener's family and type into enums on every call (nine
                 # calls of the interpreter's own per connection).
                 fd, addr = listener.sock._accept()  # type: ignore[attr-defined]
-                client = _socket_for(fd, listener.family)
+                try:
+                    client = netio.StreamSocket(listener.family, socket.SOCK_STREAM, 0, fd)
+                except BaseException:
+                    os.close(fd)  # no socket object owns it: closed here
+                    raise
             except netio.WOULD_BLOCK:
                 self._unadmit(listener)
                 return

@@ -194,7 +194,8 @@ class Server:
         try:
             self._on_client(listener, client, addr)
         finally:
-            self.admission.unreserve()  # refused at accept: its slot is free again
+            if self.admission.reserved is not None:  # refused at accept: free it again
+                self.admission.unreserve()
 
     def _on_wake(self) -> None:
         """Another worker freed a slot: paused listeners and queues try again."""
@@ -300,8 +301,9 @@ class Server:
 
     def _on_session_closed(self, session: Session[Any]) -> None:
         self.sessions.discard(session)
-        self.per_client.release(session.client)
         app = session.route.app
+        if app.per_client is not None:  # admitted by it at accept (the same app object)
+            self.per_client.release(session.client)
         self.active_by_app[app.name] -= 1
         current = self.router.routes.get(app.name)
         self.admission.release(session.route, current)

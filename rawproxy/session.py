@@ -104,7 +104,8 @@ class Session(Generic[B]):
         # Errors only, while a target is tried: a client's reset must not cost a
         # backend connect; its FIN is no reason to give up (it wants its answer).
         self._ctx.loop.watch(self._client_fd, self._on_client_events, errors_only=True)
-        if self._ctx.queues.length(self.route.app.name):
+        queues = self._ctx.queues
+        if queues.waiting and queues.length(self.route.app.name):
             self._wait()  # others wait already: first come, first served
         else:
             self._try_next_target()
@@ -166,7 +167,8 @@ class Session(Generic[B]):
         target, self._counted = self._counted, None
         if target is not None:
             self.route.balancer.release(target)
-            self._ctx.queues.freed(self.route.app.name)
+            if self._ctx.queues.waiting:
+                self._ctx.queues.freed(self.route.app.name)
 
     def _on_connect_failed(self, reason: str, detail: str) -> None:
         self._connector = None  # reason: a label for metrics; detail: more, for logs

@@ -31,7 +31,7 @@ Time and the loop come in as arguments (``call_later``, ``call_soon``,
 from __future__ import annotations
 
 import collections
-from typing import Callable, Hashable, Optional, Protocol
+from typing import Callable, Hashable, Mapping, Optional, Protocol
 
 __all__ = ["WaitQueues", "Waiter"]
 
@@ -75,6 +75,9 @@ class WaitQueues:
         self._on_left = on_left
         self._queues: dict[str, collections.deque[Waiter]] = {}
         self._entries: dict[Waiter, _Entry] = {}  # waiting now
+        # The same, read-only outside: empty, nobody waits, and a session
+        # need not ask about its app's queue (one call fewer each way).
+        self.waiting: Mapping[Waiter, object] = self._entries
         self._lengths: dict[str, int] = {}
         self._walks: set[str] = set()  # apps with a walk scheduled
         self._resuming: Optional[Waiter] = None

@@ -193,13 +193,16 @@ def test_leaving_cancels_the_timer_and_forgets_the_waiter() -> None:
     waiters = [FakeWaiter(f"w{i}", queues, pool, log) for i in range(3)]
     for waiter in waiters:
         waiter.start()
+    assert set(queues.waiting) == set(waiters)
     queues.leave(waiters[1])  # the client went away
+    assert waiters[1] not in queues.waiting
     queues.leave(waiters[1])  # twice is harmless
     queues.leave(FakeWaiter("never", queues, pool, log))
     loop.advance(10.0)
     assert waiters[1].timed_out is None
     assert [w.timed_out for w in (waiters[0], waiters[2])] == [5.0, 5.0]
     assert len(left) == 3
+    assert not queues.waiting  # sessions skip the queue's calls while it is empty
 
 
 def test_many_gone_from_the_middle_are_compacted() -> None:

@@ -86,7 +86,7 @@ bench-logcost: $(STAMP)
 bench-syscalls: $(STAMP)
 	$(VPY) -m benchmarks.syscalls $(BENCH_ARGS)
 
-## Where rawproxy's CPU goes per connection and per request (cProfile).
+## Where rawproxy's CPU goes per connection and per request (cProfile, and the garbage collector).
 bench-hotspots: $(STAMP)
 	$(VPY) -m benchmarks.hotspots --workload churn $(BENCH_ARGS)
 	$(VPY) -m benchmarks.hotspots --workload reqresp --units 20000 $(BENCH_ARGS)

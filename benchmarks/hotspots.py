@@ -4,7 +4,8 @@
 bench-hotspots``) starts the echo backend and rawproxy (pinned to CPU 0),
 warms it up, then profiles its loop thread with ``cProfile`` on the thread's
 CPU clock (a real-time signal turns the profiler on, and off again) while a fixed
-amount of work goes through it from this process (CPU 1).  It prints the
+amount of work goes through it from this process (CPU 1), and counts the
+garbage collector's collections meanwhile (``gc.callbacks``).  It prints the
 functions with the most own time, each with its calls per unit of work and
 its share of the loop thread's CPU.  The proxy's CPU per unit (user +
 system, every thread, from ``/proc``) is printed too, but the profiler
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
+import json
 import os
 import pstats
 import shlex
@@ -57,6 +60,31 @@ def _rawproxy_argv(workdir: Path, port: int, target: int, prof: Path,
             "--drain-timeout", "2", *extra]
 
 
+class GcTally:
+    """The garbage collector's collections and their CPU time, by generation
+    (``gc.callbacks``; the thread's CPU clock, as the profile's)."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.collections = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self._started = 0.0
+
+    def on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if not self.counting:
+            return
+        if phase == "start":
+            self._started = time.thread_time()
+            return
+        generation = info["generation"]
+        self.collections[generation] += 1
+        self.seconds[generation] += time.thread_time() - self._started
+
+
+def gc_path(prof: Path) -> Path:
+    return prof.with_suffix(".gc.json")
+
+
 def run_child(prof: Path, proxy_args: Sequence[str]) -> int:
     """In the proxy's process: rawproxy's main, profiled between two TOGGLE signals."""
     sys.path.insert(0, str(ROOT))
@@ -64,12 +92,18 @@ def run_child(prof: Path, proxy_args: Sequence[str]) -> int:
 
     profiler = cProfile.Profile(time.thread_time)
     state = {"on": False}
+    tally = GcTally()
+    gc.callbacks.append(tally.on_gc)
 
     def toggle(signum: int, frame: Optional[FrameType]) -> None:
         if state["on"]:
             profiler.disable()
-            profiler.dump_stats(str(prof))
+            tally.counting = False
+            gc_path(prof).write_text(json.dumps({"collections": tally.collections,
+                                                 "seconds": tally.seconds}))
+            profiler.dump_stats(str(prof))  # last: the parent waits for this file
         else:
+            tally.counting = True
             profiler.enable()
         state["on"] = not state["on"]
 
@@ -186,6 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{args.workload}: {args.units} {unit}s, {args.concurrency} at a time, "
               f"{wall:.1f} s; proxy CPU under cProfile {cpu_us:.1f} us/{unit} "
               f"(user {100 * (user1 - user0) / max(1e-9, (user1 - user0) + (sys1 - sys0)):.0f} %)")
+        tally = json.loads(gc_path(prof).read_text())
+        print(f"garbage collector: {'/'.join(str(n) for n in tally['collections'])} "
+              f"collections (generations 0/1/2) in {args.units} {unit}s, "
+              f"{sum(tally['seconds']) * 1e6 / args.units:.2f} us/{unit} of CPU")
         print(report(prof, args.units, unit, args.top))
     finally:
         backends.stop_all()

@@ -172,8 +172,8 @@ class CopySession(_Mover[RingBuffer]):
         self._send(flow, dst)
 
     def _send(self, flow: Flow[RingBuffer], dst: socket.socket) -> None:
-        ring = flow.buffer
-        while ring.held:
+        ring = flow.stored  # none made: nothing to send (a FIN makes none)
+        while ring is not None and ring.held:
             view = ring.readable()
             try:
                 sent = dst.send(view)
@@ -275,8 +275,8 @@ class SpliceSession(_Mover[PipeBuffer]):
         self._send(flow, dst)
 
     def _send(self, flow: Flow[PipeBuffer], dst: socket.socket) -> None:
-        pipe = flow.buffer
-        while pipe.held:
+        pipe = flow.stored  # none made: nothing to send (a FIN makes none)
+        while pipe is not None and pipe.held:
             held = pipe.held
             try:
                 sent = os.splice(  # novermin: only used where splice_available()

@@ -75,9 +75,10 @@ class StreamSocket(socket.socket):
     ``socket.socket.__init__`` is a Python function (twice per proxied
     connection) that fills in defaults, which every caller here passes, and
     sets two fields for ``close()`` and ``makefile()``.  ``_io_refs`` is
-    what it would set (no proxied socket has a ``makefile()`` stream) and
-    ``_closed`` is read off the descriptor, so ``close()``, ``with`` and
-    ``repr`` behave as on any socket.
+    what it would set, fixed at 0, and ``_closed`` is read off the
+    descriptor, so ``close()``, ``with``, ``detach()``, ``dup()`` and
+    ``repr`` behave as on any socket; ``makefile()`` does not (it counts
+    its streams in ``_io_refs``), and no proxied socket has a stream.
     """
 
     __slots__ = ()
@@ -92,6 +93,8 @@ class StreamSocket(socket.socket):
     @_closed.setter
     def _closed(self, value: bool) -> None:
         pass  # close() and detach() set it before the descriptor goes: read from it
+
+
 # Linux copies a listener's TCP_NODELAY into each socket accept() returns.
 _NODELAY_INHERITED = sys.platform.startswith("linux")
 

@@ -104,6 +104,8 @@ class Flow(Generic[B]):
         """``nbytes`` arrived in the buffer; 0 means the source's FIN."""
         if nbytes == 0:
             self.src_eof = True
+            if self.stored is None:
+                return  # no buffer to settle, and none needed for a FIN
         self.buffer.commit(nbytes)
 
     def on_sent(self, nbytes: int) -> None:

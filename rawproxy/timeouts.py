@@ -30,7 +30,7 @@ log = logging.getLogger("rawproxy.timeouts")
 class Timeouts(Generic[K]):
     """``on_due(key)`` ``delay_s`` after ``arm(key)``, unless disarmed first."""
 
-    __slots__ = ("delay_s", "_loop", "_on_due", "_armed", "_timer")
+    __slots__ = ("delay_s", "_loop", "_on_due", "_armed", "_timer", "_running")
 
     def __init__(self, loop: EventLoop, delay_s: float, on_due: Callable[[K], None]) -> None:
         self.delay_s = delay_s
@@ -40,6 +40,7 @@ class Timeouts(Generic[K]):
         # found at once, however many were popped before it).
         self._armed: OrderedDict[K, float] = OrderedDict()
         self._timer: Optional[Timer] = None  # the loop's, for the oldest
+        self._running = False  # in _run_due, which sets the timer when done
 
     def __len__(self) -> int:
         return len(self._armed)
@@ -53,7 +54,7 @@ class Timeouts(Generic[K]):
         if key in armed:
             del armed[key]
         armed[key] = self._loop.clock() + self.delay_s
-        if self._timer is None:
+        if self._timer is None and not self._running:
             self._timer = self._loop.call_later(self.delay_s, self._run_due)
 
     def disarm(self, key: K) -> None:
@@ -62,20 +63,24 @@ class Timeouts(Generic[K]):
 
     def _run_due(self) -> None:
         self._timer = None
+        self._running = True  # a callback that arms must not start a second timer
         armed = self._armed
         now = self._loop.clock()
-        while armed:
-            key = next(iter(armed))
-            deadline = armed[key]
-            if deadline > now:
-                # The oldest left; the ones disarmed before it cost nothing.
-                self._timer = self._loop.call_later(deadline - now, self._run_due)
-                return
-            del armed[key]
-            try:
-                self._on_due(key)
-            except Exception:  # one key's fault must not strand the ones after it
-                log.exception("unhandled error in a timeout for %r", key)
+        try:
+            while armed:
+                key = next(iter(armed))
+                if armed[key] > now:
+                    break  # the oldest left; the ones disarmed before it cost nothing
+                del armed[key]
+                try:
+                    self._on_due(key)
+                except Exception:  # one key's fault must not strand the ones after it
+                    log.exception("unhandled error in a timeout for %r", key)
+        finally:
+            self._running = False
+            if armed and self._timer is None:
+                delay = max(0.0, armed[next(iter(armed))] - self._loop.clock())
+                self._timer = self._loop.call_later(delay, self._run_due)
 
     def close(self) -> None:
         self._armed.clear()

@@ -114,3 +114,18 @@ def test_strace_summary_gives_calls_per_connection_without_clock_reads() -> None
     assert per["total"] == (2000 + 4000 + 100) / 2000
     table = syscalls.render({"rawproxy": per})
     assert "total (no clock reads)" in table and "clock_gettime (clock)" in table
+
+
+def test_the_gc_tally_counts_only_while_on_and_by_generation() -> None:
+    from benchmarks.hotspots import GcTally
+
+    tally = GcTally()
+    tally.on_gc("start", {"generation": 0})
+    tally.on_gc("stop", {"generation": 0, "collected": 0})
+    assert tally.collections == [0, 0, 0], "off: nothing counted"
+    tally.counting = True
+    for generation in (0, 0, 2):
+        tally.on_gc("start", {"generation": generation})
+        tally.on_gc("stop", {"generation": generation, "collected": 1})
+    assert tally.collections == [2, 0, 1]
+    assert all(seconds >= 0.0 for seconds in tally.seconds)

@@ -127,7 +127,7 @@ def test_a_flow_makes_its_buffer_only_when_bytes_must_wait() -> None:
     assert flow.stored is None
     assert flow.wants_read() and not flow.wants_write()
     assert flow.held == 0
-    flow.src_eof = True
+    flow.on_received(0)  # a FIN: nothing to hold
     assert flow.should_shutdown_write() and flow.stored is None
     relay = Relay(pool)
     assert relay.masks() == (WANT_READ, WANT_READ)

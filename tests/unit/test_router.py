@@ -171,6 +171,26 @@ def test_success_clears_the_backoff() -> None:
     assert balancer.health(other).consecutive_failures == 0
 
 
+def test_the_balancers_own_targets_are_found_without_hashing_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    balancer = make_balancer(["192.0.2.1:80", "192.0.2.2:80"])
+    hashed: list[Target] = []
+    plain_hash = Target.__hash__
+
+    def counted(target: Target) -> int:
+        hashed.append(target)
+        return plain_hash(target)
+
+    monkeypatch.setattr(Target, "__hash__", counted)
+    target = balancer.acquire(0.0)
+    assert isinstance(target, Target)
+    balancer.record_success(target)
+    balancer.release(target)
+    assert hashed == [], "a dataclass hash is a Python call per connection"
+    balancer.record_success(Target(host=target.host, port=target.port, weight=target.weight))
+    assert hashed, "an equal Target made elsewhere is found by equality"
+
+
 def test_an_equal_target_made_elsewhere_counts_as_the_balancers_own() -> None:
     balancer = make_balancer(["192.0.2.1:80", "192.0.2.2:80"])
     first, _ = balancer.targets

@@ -281,12 +281,16 @@ def test_half_close_either_side_first(
     drive(loop, late.poll, "the FIN to cross the proxy")
     assert (bytes(late.data), late.ended) == (b"request", "eof")
     assert session.state is State.RELAYING  # the other direction goes on
+    ctx = session._ctx
+    connects = ctx.connect_timeouts.for_budget(session.route.app.connect_timeout_s)
+    assert session in ctx.half_open and len(connects) == 0
     late.send_all(loop, b"response")
     late.sock.shutdown(socket.SHUT_WR)
     drive(loop, early.poll, "the answer and its FIN")
     assert (bytes(early.data), early.ended) == (b"response", "eof")
     harness.wait_closed(session)
     assert session.end == outcomes.DONE
+    assert len(ctx.half_open) == 0, "the close takes it out of the table"
     sent = (session.bytes_from_client, session.bytes_from_target)
     assert sent == ((7, 8) if first == "client" else (8, 7))
 

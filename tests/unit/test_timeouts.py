@@ -117,8 +117,31 @@ def test_a_callback_may_arm_again_and_a_failing_one_strands_nothing(
         advance(loop, clock, 1.5)
     assert due == ["bad", "again", "after"]
     assert "boom" in caplog.text
+    assert len(loop._timers) == 1, "the one loop timer, for the key armed again"
     advance(loop, clock, 1.5)
     assert due == ["bad", "again", "after", "again"]
+
+
+def test_keys_armed_by_callbacks_keep_one_loop_timer(loop: EventLoop,
+                                                     clock: FakeClock) -> None:
+    # A connect that times out fails over, and the next connect is armed in
+    # the same table from inside the callback: the table must still hold
+    # one loop timer, not one more per failover.
+    armed_next = iter(range(1, 1000))
+
+    def fail_over(key: int) -> None:
+        table.arm(next(armed_next))
+
+    table: Timeouts[int] = Timeouts(loop, 5.0, fail_over)
+    table.arm(0)
+    for _ in range(50):
+        clock.now += 0.5
+        table.arm(next(armed_next))  # new clients meanwhile
+        advance(loop, clock, 0.0)
+    advance(loop, clock, 10.0)
+    live = [entry for entry in loop._timers if not entry[2].cancelled]
+    assert len(live) == 1
+    assert len(table) >= 1
 
 
 def test_close_forgets_every_key_and_the_loop_timer(loop: EventLoop,

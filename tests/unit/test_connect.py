@@ -20,6 +20,7 @@ from rawproxy import netio, outcomes
 from rawproxy.connect import ADDRESS_FLOOR_S, ConnectTimeouts, Connector, address_share
 from rawproxy.loop import EVENT_WRITE, EventLoop
 from rawproxy.resolver import Resolver
+from rawproxy.timeouts import Timeouts
 from tests.unit.test_health import drive, loop, port_of  # noqa: F401  (loop: a fixture)
 from tests.unit.test_session import HOST, Net, net, table  # noqa: F401  (net: a fixture)
 
@@ -57,11 +58,11 @@ def names(loop: EventLoop) -> Iterator[Names]:
     holder.resolver.close()
 
 
-def connect(loop: EventLoop, names: Names, host: str, port: int,
-            budget_s: float = 2.0) -> tuple[Connector, Report]:
+def connect(loop: EventLoop, names: Names, host: str, port: int, budget_s: float = 2.0,
+            timeouts: Optional[Timeouts[Connector]] = None) -> tuple[Connector, Report]:
     report = Report()
     connector = Connector(loop, names.resolver, host, port, budget_s,
-                          report.connected, report.failed)
+                          report.connected, report.failed, timeouts=timeouts)
     connector.start()
     return connector, report
 
@@ -130,11 +131,8 @@ def test_in_a_timeout_table_a_silent_address_times_out_within_the_budget(
         loop: EventLoop, net: Net, names: Names) -> None:
     table = ConnectTimeouts(loop).for_budget(0.3)
     heap_before = len(loop._timers)
-    report = Report()
-    connector = Connector(loop, names.resolver, HOST, net.blackhole(), 0.3,
-                          report.connected, report.failed, timeouts=table)
     started = time.monotonic()
-    connector.start()
+    connector, report = connect(loop, names, HOST, net.blackhole(), 0.3, timeouts=table)
     assert connector in table and len(loop._timers) == heap_before + 1  # the table's one
     drive(loop, report.done, "a report")
     assert report.failure is not None and report.failure[0] == outcomes.TIMEOUT
@@ -145,18 +143,12 @@ def test_in_a_timeout_table_a_silent_address_times_out_within_the_budget(
 def test_in_a_timeout_table_a_connect_that_ends_leaves_it(
         loop: EventLoop, net: Net, names: Names) -> None:
     table = ConnectTimeouts(loop).for_budget(2.0)
-    listener = net.listener()
-    report = Report()
-    connector = Connector(loop, names.resolver, HOST, port_of(listener), 2.0,
-                          report.connected, report.failed, timeouts=table)
-    connector.start()
+    _, report = connect(loop, names, HOST, port_of(net.listener()), timeouts=table)
     drive(loop, report.done, "a report")
     assert report.sock is not None
     net.keep(report.sock)
     assert len(table) == 0
-    cancelled = Connector(loop, names.resolver, HOST, net.blackhole(), 2.0,
-                          report.connected, report.failed, timeouts=table)
-    cancelled.start()
+    cancelled, _ = connect(loop, names, HOST, net.blackhole(), timeouts=table)
     assert cancelled in table
     cancelled.cancel()
     assert len(table) == 0
@@ -170,11 +162,8 @@ def test_a_name_of_two_addresses_is_timed_by_the_loop_not_the_table(
     resolved: list[object] = []
     names.resolver.resolve("two.test", 1, resolved.append)  # cached: no wait before
     drive(loop, lambda: bool(resolved), "the name resolved")
-    report = Report()
-    connector = Connector(loop, names.resolver, "two.test", 1, 2.0,
-                          report.connected, report.failed, timeouts=table)
     before = loop.watched_count
-    connector.start()
+    connector, report = connect(loop, names, "two.test", 1, timeouts=table)
     drive(loop, lambda: loop.watched_count > before, "the first address tried")
     assert connector not in table and not report.done()
     drive(loop, report.done, "a report")

@@ -4,25 +4,12 @@ real EventLoop driven by a fake clock (no waiting, no sockets)."""
 from __future__ import annotations
 
 import logging
-from typing import Iterator
 
 import pytest
 
 from rawproxy.loop import EventLoop
 from rawproxy.timeouts import Timeouts
-from tests.unit.test_loop import FakeClock
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def loop(clock: FakeClock) -> Iterator[EventLoop]:
-    loop = EventLoop(clock=clock)
-    yield loop
-    loop.close()
+from tests.unit.test_loop import FakeClock, clock, loop  # noqa: F401  (fixtures)
 
 
 def advance(loop: EventLoop, clock: FakeClock, seconds: float) -> None:
@@ -31,10 +18,15 @@ def advance(loop: EventLoop, clock: FakeClock, seconds: float) -> None:
     loop.run_once(max_wait_s=0)  # a timer's callback runs from the ready queue
 
 
+def recording(loop: EventLoop, delay_s: float) -> tuple[Timeouts[str], list[str]]:
+    """A table whose callback notes each key that fell due, in order."""
+    due: list[str] = []
+    return Timeouts(loop, delay_s, due.append), due
+
+
 def test_keys_fall_due_after_the_delay_in_arming_order(loop: EventLoop,
                                                        clock: FakeClock) -> None:
-    due: list[str] = []
-    table = Timeouts(loop, 10.0, due.append)
+    table, due = recording(loop, 10.0)
     table.arm("a")
     clock.now += 4.0
     table.arm("b")
@@ -60,8 +52,7 @@ def test_however_many_are_armed_the_loop_holds_one_timer(loop: EventLoop,
 
 
 def test_a_disarmed_key_never_falls_due(loop: EventLoop, clock: FakeClock) -> None:
-    due: list[str] = []
-    table = Timeouts(loop, 1.0, due.append)
+    table, due = recording(loop, 1.0)
     table.arm("gone")
     table.arm("kept")
     table.disarm("gone")
@@ -71,8 +62,7 @@ def test_a_disarmed_key_never_falls_due(loop: EventLoop, clock: FakeClock) -> No
 
 
 def test_arming_again_starts_the_time_over(loop: EventLoop, clock: FakeClock) -> None:
-    due: list[str] = []
-    table = Timeouts(loop, 2.0, due.append)
+    table, due = recording(loop, 2.0)
     table.arm("a")
     table.arm("b")
     clock.now += 1.5
@@ -87,8 +77,7 @@ def test_arming_again_starts_the_time_over(loop: EventLoop, clock: FakeClock) ->
 
 def test_the_loop_timer_follows_the_oldest_key_left(loop: EventLoop,
                                                     clock: FakeClock) -> None:
-    due: list[str] = []
-    table = Timeouts(loop, 10.0, due.append)
+    table, due = recording(loop, 10.0)
     table.arm("first")
     clock.now += 3.0
     table.arm("second")
@@ -146,8 +135,7 @@ def test_keys_armed_by_callbacks_keep_one_loop_timer(loop: EventLoop,
 
 def test_close_forgets_every_key_and_the_loop_timer(loop: EventLoop,
                                                     clock: FakeClock) -> None:
-    due: list[str] = []
-    table = Timeouts(loop, 1.0, due.append)
+    table, due = recording(loop, 1.0)
     table.arm("a")
     table.close()
     advance(loop, clock, 2.0)

@@ -90,6 +90,11 @@ LEVERS: dict[str, list[Switch]] = {
          "                    client = socket.socket(listener.family, socket.SOCK_STREAM, 0, fd)"
          "  # lever off"),
     ],
+    "7-connect-at-once": [
+        ("rawproxy/session.py",
+         "                                    at_once=True)",
+         "                                    at_once=False)  # lever off: always wait for write"),
+    ],
 }
 
 

@@ -13,7 +13,11 @@ It reports once, through a callback, and never after :meth:`cancel`:
   (non-blocking, and unwatched; or, with ``keep_watched``, still watched
   with write interest, for the caller to take over with
   ``loop.replace_handler`` and its own mask: one interest change instead
-  of a deregistration and a registration);
+  of a deregistration and a registration).  With ``at_once``, a connect to
+  a loopback address that is over when ``connect()`` returns (it usually
+  is: :func:`~rawproxy.netio.established`) is reported from within
+  :meth:`Connector.start`, never watched and without a timeout armed;
+  its fd is then the caller's to watch, ``keep_watched`` or not;
 * ``on_failed(reason, detail)``: ``reason`` is a connect reason from
   :mod:`~rawproxy.outcomes` (``DNS``, ``TIMEOUT``, ``REFUSED``, ...) or an
   errno name, ``detail`` the text for logs; or ``reason`` is
@@ -76,18 +80,21 @@ class Connector:
 
     With ``timeouts`` (a table for this ``budget_s``), the usual attempt --
     one address, resolved at once, given the whole budget -- is timed there
-    rather than by a loop timer (see :mod:`rawproxy.timeouts`).
+    rather than by a loop timer (see :mod:`rawproxy.timeouts`).  With
+    ``at_once``, an established loopback connect is reported without a turn.
     """
 
     __slots__ = ("_loop", "_resolver", "host", "port", "_on_connected", "_on_failed",
                  "_deadline", "_addresses", "_sock", "_fd", "_timer", "_reason", "started_at",
-                 "done", "_keep_watched", "_resolving", "_timeouts")
+                 "done", "_keep_watched", "_resolving", "_timeouts", "_at_once")
 
     def __init__(self, loop: EventLoop, resolver: Resolver, host: str, port: int,
                  budget_s: float, on_connected: OnConnected, on_failed: OnFailed,
                  keep_watched: bool = False,
-                 timeouts: Optional[Timeouts[Connector]] = None) -> None:
+                 timeouts: Optional[Timeouts[Connector]] = None,
+                 at_once: bool = False) -> None:
         self._loop = loop
+        self._at_once = at_once  # until resolved: then only for loopback addresses
         self._keep_watched = keep_watched
         self._timeouts = timeouts
         self._resolver = resolver
@@ -129,6 +136,7 @@ class Connector:
                        resolution.error)
             return
         self._addresses = list(resolution.addresses)
+        self._at_once = self._at_once and resolution.loopback
         self._connect_next()
 
     def _connect_next(self) -> None:
@@ -139,6 +147,10 @@ class Connector:
             return
         if sock is None:
             self._fail(self._reason, "")
+            return
+        if self._at_once and netio.established(sock):
+            self._stop()  # a timer of an earlier address, if any
+            self._on_connected(sock)  # never watched: the caller watches it
             return
         self._sock = sock
         self._fd = sock.fileno()

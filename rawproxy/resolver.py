@@ -51,7 +51,7 @@ _EAI_MEMORY = getattr(socket, "EAI_MEMORY", None)
 
 
 class Resolution:
-    __slots__ = ("addresses", "error", "expires_at", "local")
+    __slots__ = ("addresses", "error", "expires_at", "local", "loopback")
 
     def __init__(self, addresses: tuple[Address, ...], error: str, expires_at: float,
                  local: bool = False) -> None:
@@ -59,12 +59,22 @@ class Resolution:
         self.error = error  # "" when addresses were found
         self.expires_at = expires_at
         self.local = local  # the failure is this process's shortage, not the name's
+        # Every address on this host's loopback: a connect to it is usually
+        # over when connect() returns (rawproxy.connect takes it at once).
+        self.loopback = bool(addresses) and all(is_loopback(address) for address in addresses)
 
 
 def _is_local_failure(exc: BaseException) -> bool:
     if isinstance(exc, socket.gaierror):  # its errno is an EAI_* code
         return _EAI_MEMORY is not None and exc.errno == _EAI_MEMORY
     return netio.is_local_shortage(exc)
+
+
+def is_loopback(address: Address) -> bool:
+    try:
+        return ipaddress.ip_address(address[1][0]).is_loopback
+    except ValueError:
+        return False
 
 
 def literal_address(host: str, port: int) -> Optional[Address]:

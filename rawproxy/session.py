@@ -101,14 +101,15 @@ class Session(Generic[B]):
     # -- connecting and failover -------------------------------------------
 
     def start(self) -> None:
-        # Errors only, while a target is tried: a client's reset must not cost a
-        # backend connect; its FIN is no reason to give up (it wants its answer).
-        self._ctx.loop.watch(self._client_fd, self._on_client_events, errors_only=True)
         queues = self._ctx.queues
         if queues.waiting and queues.length(self.route.app.name):
             self._wait()  # others wait already: first come, first served
         else:
-            self._try_next_target()
+            self._try_next_target()  # a loopback target may be relaying already
+        if self.state is State.CONNECTING:
+            # Errors only, while a target is tried: a client's reset must not cost
+            # a backend connect; its FIN is no reason to give up (it wants its answer).
+            self._ctx.loop.watch(self._client_fd, self._on_client_events, errors_only=True)
 
     def _try_next_target(self) -> None:
         target = self.route.balancer.acquire(self._ctx.loop.now, self._tried)
@@ -127,7 +128,8 @@ class Session(Generic[B]):
         self._connector = Connector(self._ctx.loop, self._ctx.resolver, target.host,
                                     target.port, budget_s, self._on_connected,
                                     self._on_connect_failed, keep_watched=True,
-                                    timeouts=self._ctx.connect_timeouts.for_budget(budget_s))
+                                    timeouts=self._ctx.connect_timeouts.for_budget(budget_s),
+                                    at_once=True)
         self._connector.start()
 
     def _wait(self) -> None:
@@ -191,13 +193,18 @@ class Session(Generic[B]):
         connector, self._connector = self._connector, None
         assert connector is not None and self.target is not None
         self._target_sock = sock
-        self._target_fd = sock.fileno()
+        self._target_fd = fd = sock.fileno()
         loop = self._ctx.loop
-        loop.replace_handler(self._target_fd, self._on_target_events)  # still watched
+        if loop.is_watched(fd):
+            loop.replace_handler(fd, self._on_target_events)  # kept watched by the connector
+        else:  # connected at once (loopback): one registration each, with their masks
+            loop.watch(fd, self._on_target_events)
+            if not loop.is_watched(self._client_fd):  # in start(), before its watch
+                loop.watch(self._client_fd, self._on_client_events)
         self.route.balancer.record_success(self.target)
         target_stats = self.route.stats.target(self.target.address)
         target_stats.connected += 1
-        target_stats.latency.observe(loop.now - connector.started_at)
+        target_stats.latency.observe(loop.clock() - connector.started_at)
         try:
             self._start_relaying(sock)
         except Exception as exc:  # no pipe or buffer, or the client vanished:

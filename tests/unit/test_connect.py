@@ -19,7 +19,7 @@ import pytest
 from rawproxy import netio, outcomes
 from rawproxy.connect import ADDRESS_FLOOR_S, ConnectTimeouts, Connector, address_share
 from rawproxy.loop import EVENT_WRITE, EventLoop
-from rawproxy.resolver import Resolver
+from rawproxy.resolver import Resolution, Resolver
 from rawproxy.timeouts import Timeouts
 from tests.unit.test_health import drive, loop, port_of  # noqa: F401  (loop: a fixture)
 from tests.unit.test_session import HOST, Net, net, table  # noqa: F401  (net: a fixture)
@@ -59,10 +59,11 @@ def names(loop: EventLoop) -> Iterator[Names]:
 
 
 def connect(loop: EventLoop, names: Names, host: str, port: int, budget_s: float = 2.0,
-            timeouts: Optional[Timeouts[Connector]] = None) -> tuple[Connector, Report]:
+            timeouts: Optional[Timeouts[Connector]] = None,
+            at_once: bool = False) -> tuple[Connector, Report]:
     report = Report()
     connector = Connector(loop, names.resolver, host, port, budget_s,
-                          report.connected, report.failed, timeouts=timeouts)
+                          report.connected, report.failed, timeouts=timeouts, at_once=at_once)
     connector.start()
     return connector, report
 
@@ -87,6 +88,63 @@ def test_connects_and_hands_over_an_unwatched_socket(
     assert report.sock.getpeername()[1] == port_of(listener)
     assert connector.done and loop.watched_count == before
     assert loop.time() - connector.started_at < 2.0
+
+
+@pytest.mark.parametrize("host", [HOST, "loop.test"])  # a literal, a name for 127.0.0.1
+def test_at_once_an_established_loopback_connect_is_reported_from_start(
+        loop: EventLoop, net: Net, names: Names, host: str) -> None:
+    listener = net.listener()
+    names.names["loop.test"] = [port_of(listener)]
+    if host != HOST:  # a name is looked up in a thread: once cached, it is at once
+        answers: list[Resolution] = []
+        assert names.resolver.resolve(host, port_of(listener), answers.append) is None
+        drive(loop, lambda: bool(answers), "the name's lookup")
+    table = ConnectTimeouts(loop).for_budget(2.0)
+    before = loop.watched_count
+    connector, report = connect(loop, names, host, port_of(listener), timeouts=table,
+                                at_once=True)
+    assert report.sock is not None and report.calls == 1, "no turn of the loop needed"
+    net.keep(report.sock)
+    assert report.sock.getpeername()[1] == port_of(listener)
+    assert connector.done and loop.watched_count == before, "never watched"
+    assert len(table) == 0, "no timeout armed"
+
+
+def test_at_once_a_connect_still_under_way_waits_for_its_event(
+        loop: EventLoop, net: Net, names: Names) -> None:
+    table = ConnectTimeouts(loop).for_budget(0.3)
+    before = loop.watched_count
+    connector, report = connect(loop, names, HOST, net.blackhole(), 0.3, timeouts=table,
+                                at_once=True)
+    assert not report.done() and loop.watched_count == before + 1 and len(table) == 1
+    drive(loop, report.done, "a report")
+    assert report.failure is not None and report.failure[0] == outcomes.TIMEOUT
+
+
+def test_at_once_asks_only_for_addresses_on_this_host(
+        loop: EventLoop, net: Net, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[socket.socket] = []
+
+    def established(sock: socket.socket) -> bool:
+        asked.append(sock)
+        return True
+
+    monkeypatch.setattr(netio, "established", established)
+    listener = net.listener()
+    resolution = names.resolver.resolve(HOST, port_of(listener), lambda _: None)
+    assert resolution is not None and resolution.loopback
+    resolution.loopback = False  # as for a remote address, without sending it anything
+    connector, report = connect(loop, names, HOST, port_of(listener), at_once=True)
+    assert asked == [] and not report.done(), "waits for write readiness"
+    drive(loop, report.done, "a report")
+    assert report.sock is not None
+    net.keep(report.sock)
+    resolution.loopback = True
+    _, report = connect(loop, names, HOST, port_of(listener))  # at_once off
+    assert asked == [] and not report.done()
+    drive(loop, report.done, "a report")
+    assert report.sock is not None
+    net.keep(report.sock)
 
 
 def test_refused_everywhere_reports_refused(loop: EventLoop, net: Net, names: Names) -> None:

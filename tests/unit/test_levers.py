@@ -20,7 +20,7 @@ PATCHES = sorted((REPO / "benchmarks" / "levers").glob("*.patch"))
 def test_there_is_a_patch_per_lever() -> None:
     assert [p.stem for p in PATCHES] == ["1-reactor", "2-lean-connection",
                                         "3-fused-steady-state", "4-access-log",
-                                        "5-fused-ends", "6-less-garbage"]
+                                        "5-fused-ends", "6-less-garbage", "7-connect-at-once"]
     assert [p.stem for p in PATCHES] == list(LEVERS)
 
 

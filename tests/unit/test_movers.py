@@ -35,6 +35,7 @@ from rawproxy.session import Session, State
 from tests.unit.test_health import drive
 from tests.unit.test_health import loop  # noqa: F401  (a pytest fixture, shared)
 from tests.unit.test_session import Harness, Net, address
+from tests.unit.test_session import connect_path  # noqa: F401  (autouse: both connect paths)
 
 SIDES = ("client", "target")
 PATTERN = bytes(range(251)) * 400  # position-dependent bytes: a reordering shows

@@ -19,6 +19,7 @@ import pytest
 
 from rawproxy import netio
 from rawproxy.netio import ConnectFailed, PeerGone
+from tests.support import Blackhole
 
 HOST = "127.0.0.1"
 TIMEOUT_S = 10.0
@@ -178,6 +179,27 @@ def test_start_connect_then_finish_connect(listener: socket.socket) -> None:
         server.close()
     finally:
         sock.close()
+
+
+def test_established_once_the_handshake_is_over(listener: socket.socket) -> None:
+    sock = netio.start_connect(socket.AF_INET, listener.getsockname())
+    try:
+        wait_writable(sock)
+        assert netio.established(sock) is True
+    finally:
+        sock.close()
+
+
+def test_not_established_while_the_syn_is_unanswered_or_before_any_connect() -> None:
+    hole = Blackhole()  # a full accept queue: the SYN is dropped
+    sock = netio.start_connect(socket.AF_INET, (HOST, hole.port))
+    try:
+        assert netio.established(sock) is False
+    finally:
+        sock.close()
+        hole.close()
+    with socket.socket() as never_connected:
+        assert netio.established(never_connected) is False
 
 
 def test_finish_connect_says_not_yet_while_connecting() -> None:

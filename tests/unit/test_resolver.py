@@ -403,3 +403,14 @@ def test_an_unexpected_lookup_error_still_answers(
     assert failure.error and failure.addresses == ()
     assert any("odd.test" in r.getMessage() for r in caplog.records)
     assert resolve_later(resolver, post, "backend.test").error == ""  # the worker lives on
+
+
+def test_a_resolution_is_loopback_when_every_address_is() -> None:
+    def of(*hosts: str) -> Resolution:
+        return Resolution(tuple((socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 (host, 80)) for host in hosts), "", 0.0)
+
+    assert of("127.0.0.1").loopback and of("127.3.2.1", "::1").loopback
+    assert not of("127.0.0.1", "192.0.2.1").loopback  # one remote address: no
+    assert not of("2001:db8::1").loopback
+    assert not of().loopback  # a failed lookup

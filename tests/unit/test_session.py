@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import pytest
 
-from rawproxy import outcomes
+from rawproxy import netio, outcomes
 from rawproxy.config import parse_config
 from rawproxy.loop import EventLoop
 from rawproxy.pipes import PipePool, splice_available
@@ -181,6 +181,17 @@ class Harness:
         drive(self.loop, lambda: session.state is State.CLOSED, "the session to close",
               deadline_s)
         assert self.closed.count(session) == 1
+
+
+@pytest.fixture(autouse=True, params=["at-once", "on-write"])
+def connect_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each session test both ways: a loopback connect over when connect()
+    returns, taken at once, and the way every remote target goes (a wake-up
+    for write readiness), forced here by saying no connect is over yet."""
+    if request.param == "on-write":
+        monkeypatch.setattr(netio, "established", lambda sock: False)
+    path: str = request.param
+    return path
 
 
 @pytest.fixture

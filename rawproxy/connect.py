@@ -149,7 +149,12 @@ class Connector:
             self._fail(self._reason, "")
             return
         if self._at_once and netio.established(sock):
-            self._stop()  # a timer of an earlier address, if any
+            # Done: nothing to stop but an earlier address's timer (the table
+            # is only armed below, for a single address).
+            self.done = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._on_connected(sock)  # never watched: the caller watches it
             return
         self._sock = sock

@@ -147,6 +147,36 @@ def test_at_once_asks_only_for_addresses_on_this_host(
     net.keep(report.sock)
 
 
+def test_at_once_after_an_address_that_failed_later_leaves_no_timer_behind(
+        loop: EventLoop, net: Net, names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    first, second = net.listener(), net.listener()
+    names.names["two.test"] = [port_of(first), port_of(second)]
+    answers: list[Resolution] = []
+    names.resolver.resolve("two.test", 1, answers.append)
+    drive(loop, lambda: bool(answers), "the name's lookup")
+    real_established = netio.established
+    asked: list[socket.socket] = []
+
+    def established(sock: socket.socket) -> bool:  # the first not yet: a timer is set
+        asked.append(sock)
+        return len(asked) > 1 and real_established(sock)
+
+    def refused_late(sock: socket.socket) -> bool:
+        raise netio.ConnectFailed(outcomes.REFUSED)
+
+    monkeypatch.setattr(netio, "established", established)
+    monkeypatch.setattr(netio, "finish_connect", refused_late)
+    monkeypatch.setattr(loop, "exact_write_events", False)  # so the event is asked
+    heap_before = len(loop._timers)
+    connector, report = connect(loop, names, "two.test", 1, at_once=True)
+    assert len(loop._timers) == heap_before + 1, "the first address's share is timed"
+    drive(loop, report.done, "a report")
+    assert report.sock is not None and len(asked) == 2
+    net.keep(report.sock)
+    assert report.sock.getpeername()[1] == port_of(second)
+    assert heap_before == 0 and all(entry[2].cancelled for entry in loop._timers)
+
+
 def test_refused_everywhere_reports_refused(loop: EventLoop, net: Net, names: Names) -> None:
     names.names["two.test"] = [port_of(net.refuser()), port_of(net.refuser())]
     _, report = connect(loop, names, "two.test", 1)
